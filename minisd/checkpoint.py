@@ -23,11 +23,37 @@ M = TypeVar("M", bound=nn.Module)
 CONFIG_NAMES = {"scheduler": "scheduler_config.json", "feature_extractor": "preprocessor_config.json"}
 
 
+COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
+
+
+def find_model_folder(folder: str | Path) -> Path:
+    """Check that `folder` is a diffusers pipeline folder; a Hugging Face cache entry
+    (`models--org--name`) resolves to its newest snapshot."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"model folder not found: {path}")
+    snapshots = path / "snapshots"
+    if not (path / "model_index.json").exists() and snapshots.is_dir():
+        candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime)
+        if candidates:
+            path = candidates[-1]
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if len(missing) == len(COMPONENTS):
+        raise CheckpointError(f"{path} is not a diffusers pipeline folder: it has none of the "
+                              f"folders {', '.join(COMPONENTS)}")
+    if missing:
+        raise CheckpointError(f"{path}: component folder(s) missing: {', '.join(missing)} "
+                              "(an interrupted download? fetch the checkpoint again)")
+    return path
+
+
 def read_config(folder: str | Path, component: str) -> dict[str, Any]:
     """Read `<folder>/<component>/config.json` (or the component's own json name) as a dict."""
     path = Path(folder) / component / CONFIG_NAMES.get(component, "config.json")
     if not Path(folder).is_dir():
         raise CheckpointError(f"model folder not found: {folder}")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{component}: folder missing: {path.parent}")
     if not path.is_file():
         raise CheckpointError(f"{component}: config file missing: {path}")
     try:

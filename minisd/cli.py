@@ -1,0 +1,211 @@
+"""The `minisd` command.
+
+    minisd generate "an apple, 4k" -o apple.png --steps 25 --seed 42
+
+Usage and input errors print one line and exit 2; other failures print one line and exit 1;
+`--debug` shows the traceback instead. No existing file is overwritten without --overwrite,
+and every image is written atomically (a temporary file renamed into place).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .errors import CheckpointError, InputError, MinisdError
+
+HUB_REPO = "models--OFA-Sys--small-stable-diffusion-v0"
+EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "minisd-shapes"
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+GET_WEIGHTS = ("no model found. Download OFA-Sys/small-stable-diffusion-v0 (e.g. `huggingface-cli "
+               "download OFA-Sys/small-stable-diffusion-v0`) and pass its folder with --model or "
+               "$MINISD_MODEL; see README.md, section 'Weights'.")
+
+
+class UsageError(InputError):
+    """A command-line argument that cannot be parsed."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and exit; we want one line
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="minisd", description="Stable Diffusion v1 text-to-image in plain PyTorch.")
+    parser.add_argument("--version", action="version", version=f"minisd {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
+    gen = commands.add_parser("generate", help="generate images from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", type=Path, default=Path("minisd.png"),
+                     help="PNG to write; with -n > 1, NAME-0.png, NAME-1.png, ... (default: minisd.png)")
+    gen.add_argument("--negative", default="", help="negative prompt")
+    gen.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    gen.add_argument("--seed", type=int, help="random seed (default: random, printed); image i uses seed+i")
+    gen.add_argument("--size", type=parse_size, help="WxH, multiples of 8 (default: the model's size)")
+    gen.add_argument("-n", "--num-images", type=int, default=1)
+    gen.add_argument("--model", type=Path, help="diffusers pipeline folder (default: $MINISD_MODEL, the "
+                     "Hugging Face cache, then the embedded model)")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default cpu)")
+    gen.add_argument("--dtype", choices=DTYPES, default="auto",
+                     help="auto: float16 on CUDA, float32 elsewhere")
+    gen.add_argument("--no-safety-checker", action="store_true", help="do not filter images (logged)")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH such as 512x512, got {text!r}") from None
+    return w, h
+
+
+def find_model(explicit: Path | None) -> Path:
+    """--model, else $MINISD_MODEL, else a Hugging Face cache snapshot of small-sd (read
+    without huggingface_hub), else the embedded model shipped in weights/."""
+    if explicit is not None:
+        return explicit
+    if os.environ.get("MINISD_MODEL"):
+        return Path(os.environ["MINISD_MODEL"])
+    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(Path.home(), ".cache", "huggingface"), "hub")
+    snapshots = sorted((Path(hub) / HUB_REPO / "snapshots").glob("*/model_index.json"),
+                       key=lambda p: p.stat().st_mtime)
+    if snapshots:
+        return snapshots[-1].parent
+    if (EMBEDDED_MODEL / "model_index.json").is_file():
+        return EMBEDDED_MODEL
+    raise CheckpointError(GET_WEIGHTS)
+
+
+def output_paths(output: Path, n: int) -> list[Path]:
+    if output.suffix.lower() != ".png":
+        raise InputError(f"--output: images are written as PNG; name a .png file, got {str(output)!r}")
+    if n == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(n)]
+
+
+def check_writable(paths: list[Path], overwrite: bool) -> None:
+    """Refuse before any work is done: a missing folder, a read-only one, an existing file."""
+    for path in paths:
+        folder = path.parent
+        if not folder.is_dir():
+            raise InputError(f"--output: folder {str(folder)!r} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise InputError(f"--output: folder {str(folder)!r} is not writable")
+        if path.exists() and not overwrite:
+            raise InputError(f"--output: {str(path)!r} exists; choose another name or pass --overwrite")
+
+
+def save_png_atomically(image, path: Path, parameters: str, overwrite: bool) -> None:
+    """Write to a temporary file beside `path`, then move it into place, so an interrupted
+    run never leaves a half-written PNG (and, without overwrite, never replaces a file that
+    appeared meanwhile: os.link fails if the target exists)."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)  # the chunk other SD tools read
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    except FileExistsError:
+        raise InputError(f"--output: {str(path)!r} appeared while generating; not overwritten") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def generation_parameters(prompt: str, negative: str, steps: int, sampler: str, guidance: float,
+                          seed: int, width: int, height: int, model: str) -> str:
+    """The `parameters` text other SD tools write and read: the prompt, an optional
+    negative-prompt line, then comma-separated `Key: value` pairs."""
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance:g}, Seed: {seed}, "
+                 f"Size: {width}x{height}, Model: {model}")
+    return "\n".join(lines)
+
+
+def generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipeline import Pipeline
+
+    if args.num_images < 1:
+        raise InputError(f"-n: must be at least 1, got {args.num_images}")
+    seed = random.randrange(2**32) if args.seed is None else args.seed
+    if not 0 <= seed <= MAX_SEED - args.num_images:
+        raise InputError(f"--seed: must lie in [0, {MAX_SEED - args.num_images}], got {seed}")
+    paths = output_paths(args.output, args.num_images)
+    check_writable(paths, args.overwrite)
+    dtype = resolve_dtype(args.dtype, args.device)
+    model = find_model(args.model)
+
+    extra = {"safety_checker": None} if args.no_safety_checker else {}
+    pipe = Pipeline.from_pretrained(model, device=args.device, dtype=dtype, **extra)
+    width, height = args.size or (None, None)
+    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(args.num_images)]
+    if args.seed is None:
+        print(f"seed: {seed}", file=sys.stderr)
+    result = pipe(args.prompt, negative_prompt=args.negative, height=height, width=width,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  num_images_per_prompt=args.num_images, generator=generators, progress=not args.quiet)
+    flagged = result.nsfw_content_detected or [False] * len(paths)
+    for i, (image, path) in enumerate(zip(result.images, paths)):
+        text = generation_parameters(args.prompt, args.negative, args.steps, pipe.scheduler.sampler_name,
+                                     args.guidance, seed + i, image.width, image.height, pipe.name)
+        save_png_atomically(image, path, text, args.overwrite)
+        note = " (blacked out: the safety checker flagged it)" if flagged[i] else ""
+        print(f"wrote {path}{note}")
+    return 0
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.WARNING, format="minisd: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return 2
+        return generate(args)
+    except KeyboardInterrupt:
+        print("minisd: interrupted; no partial file was written", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        code = 2 if isinstance(e, InputError) else 1
+        kind = "" if isinstance(e, MinisdError) else f"{type(e).__name__}: "
+        message = str(e).splitlines()[0] if isinstance(e, UsageError) else " ".join(str(e).split())
+        print(f"minisd: error: {kind}{message}", file=sys.stderr)
+        return code
