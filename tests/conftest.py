@@ -1,0 +1,59 @@
+"""Shared pytest fixtures: tiny random SD v1 pipelines written by tools/make_tiny_checkpoint.py.
+
+    tiny_current / tiny_legacy   the default tiny pipeline (seed 0) in each format, same weights
+    tiny_formats                 parametrised: each of those two paths in turn
+    make_tiny(fmt, seed=0, unet={...}, vae={...}, text_encoder={...}, safety_checker={...})
+                                 a variant, built once per session per distinct arguments
+
+Building needs diffusers + transformers (test dependencies); minisd itself never imports them.
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import make_tiny_checkpoint  # noqa: E402  (needs tools/ on sys.path)
+
+FORMATS = make_tiny_checkpoint.FORMATS  # ("current", "legacy")
+
+
+@pytest.fixture(scope="session")
+def make_tiny(tmp_path_factory):
+    """Factory: make_tiny(fmt, seed=0, **overrides) -> Path of a tiny pipeline folder.
+
+    Both formats are written from one build, so make_tiny("current", ...) and
+    make_tiny("legacy", ...) with the same arguments hold identical weights. Results are
+    cached for the session; treat the folders as read-only.
+    """
+    cache: dict[str, dict[str, Path]] = {}
+
+    def make(fmt: str = "current", seed: int = 0, **overrides) -> Path:
+        if fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+        key = json.dumps({"seed": seed, **overrides}, sort_keys=True)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"tiny_seed{seed}")
+            cache[key] = make_tiny_checkpoint.make_pipelines(out, seed=seed, **overrides)
+        return cache[key][fmt]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_current(make_tiny) -> Path:
+    return make_tiny("current")
+
+
+@pytest.fixture(scope="session")
+def tiny_legacy(make_tiny) -> Path:
+    return make_tiny("legacy")
+
+
+@pytest.fixture(params=FORMATS)
+def tiny_formats(request) -> Path:
+    """Each format's folder in turn; tests using it run once per format (ids: current, legacy)."""
+    return request.getfixturevalue(f"tiny_{request.param}")
