@@ -165,11 +165,11 @@ def generate(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_pretrained(model, device=args.device, dtype=dtype, **extra)
     width, height = args.size or (None, None)
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(args.num_images)]
-    if args.seed is None:
-        print(f"seed: {seed}", file=sys.stderr)
     result = pipe(args.prompt, negative_prompt=args.negative, height=height, width=width,
                   num_inference_steps=args.steps, guidance_scale=args.guidance,
                   num_images_per_prompt=args.num_images, generator=generators, progress=not args.quiet)
+    if args.seed is None:
+        print(f"seed: {seed}", file=sys.stderr)
     flagged = result.nsfw_content_detected or [False] * len(paths)
     for i, (image, path) in enumerate(zip(result.images, paths)):
         text = generation_parameters(args.prompt, args.negative, args.steps, pipe.scheduler.sampler_name,

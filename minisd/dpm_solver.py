@@ -131,6 +131,11 @@ class DPMSolverMultistep:
         w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
         return (1 - w) * low + w * (low + 1)
 
+    @property
+    def sampler_name(self) -> str:
+        """The name other SD tools give this sampler in PNG metadata (`DPM++ 2M Karras`)."""
+        return f"DPM++ {self.config.solver_order}M" + (" Karras" if self.config.use_karras_sigmas else "")
+
     def scale_model_input(self, sample: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:
         """DPM-Solver feeds the UNet x_t as is; here for parity with schedulers that scale it."""
         return sample

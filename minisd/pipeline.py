@@ -25,7 +25,7 @@ from PIL import Image
 from .checkpoint import find_model_folder
 from .clip import CLIPTextModel, load_text_encoder
 from .dpm_solver import DPMSolverMultistep, load_scheduler
-from .errors import InputError
+from .errors import InputError, MinisdError
 from .safety import load_safety_checker
 from .tokenizer import CLIPTokenizer, load_tokenizer
 from .unet import UNet2DConditionModel, load_unet
@@ -113,6 +113,10 @@ class Pipeline:
             latents = self.scheduler.step(noise, t, latents)
             bar.update()
         bar.close()
+        # One check, not one per step (each would stall a GPU): never hand back a silently black image.
+        if not torch.isfinite(latents).all():
+            raise MinisdError("the denoised latents contain NaN or infinity: the checkpoint may hold "
+                              "NaN weights, or float16 overflowed (try dtype=torch.float32 / --dtype float32)")
 
         if output_type == "latent":
             return PipelineOutput(latents, None)

@@ -1,0 +1,120 @@
+"""The `minisd` command end to end on a fixture folder: PNG written atomically with a readable
+`parameters` chunk, nothing overwritten, one-line errors with exit code 2 for bad input."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from minisd import __version__
+from minisd.cli import find_model, main
+from minisd.errors import CheckpointError
+
+FAST = ["--steps", "2", "--size", "64x64", "--quiet"]
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minisd", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_version_and_help():
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"minisd {__version__}"
+    out = run("generate", "--help")
+    assert out.returncode == 0 and "--negative" in out.stdout and "--overwrite" in out.stdout
+
+
+def test_generate_writes_png_with_parameters(tiny_legacy, tmp_path):
+    out = tmp_path / "apple.png"
+    result = run("generate", "an apple, 4k", "-o", str(out), "--model", str(tiny_legacy),
+                 "--negative", "blurry", "--seed", "42", "--guidance", "6.5", *FAST)
+    assert result.returncode == 0, result.stderr
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert image.text["parameters"] == (
+        "an apple, 4k\nNegative prompt: blurry\n"
+        f"Steps: 2, Sampler: DPM++ 2M, CFG scale: 6.5, Seed: 42, Size: 64x64, Model: {tiny_legacy.name}")
+    assert [p.name for p in tmp_path.iterdir()] == ["apple.png"]  # no temporary file left
+
+
+def test_seed_reproduces_and_n_images_use_consecutive_seeds(tiny_current, tmp_path):
+    assert main(["generate", "a cat", "-o", str(tmp_path / "cats.png"), "-n", "2", "--seed", "5",
+                 "--model", str(tiny_current), *FAST]) == 0
+    assert main(["generate", "a cat", "-o", str(tmp_path / "one.png"), "--seed", "6",
+                 "--model", str(tiny_current), *FAST]) == 0
+    second = Image.open(tmp_path / "cats-1.png")
+    assert "Seed: 6," in second.text["parameters"]
+    assert second.tobytes() == Image.open(tmp_path / "one.png").tobytes()
+
+
+def test_random_seed_is_printed(tiny_current, tmp_path):
+    result = run("generate", "a cat", "-o", str(tmp_path / "a.png"), "--model", str(tiny_current), *FAST)
+    assert result.returncode == 0, result.stderr
+    seed = int(result.stderr.split("seed: ")[1].split()[0])
+    assert f"Seed: {seed}," in Image.open(tmp_path / "a.png").text["parameters"]
+
+
+def test_existing_file_is_not_overwritten(tiny_current, tmp_path):
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"precious")
+    result = run("generate", "a cat", "-o", str(out), "--model", str(tiny_current), *FAST)
+    assert result.returncode == 2
+    assert "exists" in result.stderr and "--overwrite" in result.stderr
+    assert out.read_bytes() == b"precious"
+    assert main(["generate", "a cat", "-o", str(out), "--overwrite", "--model", str(tiny_current), *FAST]) == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["generate", "x", "--steps", "many"], "invalid int value"),
+    (["generate", "x", "--size", "64by64"], "expected WxH"),
+    (["generate", "x", "--size", "60x64"], "width: must be a positive multiple of 8"),
+    (["generate", "x", "--steps", "0"], "num_inference_steps"),
+    (["generate", "x", "-n", "0"], "-n: must be at least 1"),
+    (["generate", "x", "--seed", "-1"], "--seed: must lie in"),
+    (["generate", "x", "-o", "out.jpg"], "name a .png file"),
+    (["generate", "x", "-o", "/no/such/folder/a.png"], "does not exist"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_one_line_exit_2(tiny_current, tmp_path, args, words):
+    if "-o" not in args:
+        args = [*args, "-o", str(tmp_path / "x.png")]
+    result = run(*args, "--model", str(tiny_current)) if args[0] == "generate" else run(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minisd: error:") and words in lines[0], result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_model_exit_1(tmp_path):
+    result = run("generate", "x", "-o", str(tmp_path / "x.png"), "--model", str(tmp_path / "nope"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"minisd: error: model folder not found: {tmp_path / 'nope'}"
+
+
+def test_model_lookup_order(tmp_path, monkeypatch):
+    repo = "models--OFA-Sys--small-stable-diffusion-v0"
+    snapshot = tmp_path / "home" / "hub" / repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    for var in ("MINISD_MODEL", "HF_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert find_model(None) == snapshot                      # HF_HOME/hub
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "home" / "hub"))
+    assert find_model(None) == snapshot                      # HF_HUB_CACHE wins over HF_HOME
+    monkeypatch.setenv("MINISD_MODEL", str(tmp_path / "env"))
+    assert find_model(None) == tmp_path / "env"              # $MINISD_MODEL before the cache
+    assert find_model(Path("explicit")) == Path("explicit")  # --model before everything
+
+
+def test_no_model_anywhere_says_how_to_get_weights(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINISD_MODEL", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("minisd.cli.EMBEDDED_MODEL", tmp_path / "none")
+    with pytest.raises(CheckpointError, match="small-stable-diffusion-v0.*--model"):
+        find_model(None)
