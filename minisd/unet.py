@@ -64,22 +64,50 @@ class ResnetBlock2D(nn.Module):
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 
+# Cross-attention keys and values, precomputed once per generation (one (k, v) pair per
+# cross-attention layer, heads split: [B, heads, 77, head_dim]): the text does not change
+# across denoising steps, so neither do they. See `UNet2DConditionModel.precompute_cross_kv`.
+CrossKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
 class Attention(nn.Module):
     """Multi-head attention; cross-attention when `context_dim` is given."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
         self.heads = heads
+        self.is_cross = context_dim is not None
+        self.kv_slot = -1  # this layer's index into a CrossKV tuple, set by the UNet
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         # A list of one: diffusers keeps a dropout after it, so the key is `to_out.0`.
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse_qkv()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads)
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+    def fuse_qkv(self) -> None:
+        """Self-attention: one [3*dim, dim] matrix product instead of three. The q/k/v weights
+        become views into the fused tensor, so no memory is duplicated and the state dict
+        keeps its keys."""
+        if self.is_cross or self.qkv_weight is not None:
+            return
+        fused = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).detach()
+        for i, layer in enumerate((self.to_q, self.to_k, self.to_v)):
+            n = layer.weight.shape[0]
+            layer.weight = nn.Parameter(fused[i * n:(i + 1) * n], requires_grad=False)
+        self.qkv_weight = fused
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        return rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | CrossKV | None = None) -> torch.Tensor:
+        if self.qkv_weight is not None:
+            q, k, v = map(self.split_heads, F.linear(x, self.qkv_weight).chunk(3, dim=-1))
+        elif isinstance(context, tuple):  # precomputed cross-attention keys and values
+            q, (k, v) = self.split_heads(self.to_q(x)), context[self.kv_slot]
+        else:
+            context = x if context is None else context
+            q, k, v = map(self.split_heads, (self.to_q(x), self.to_k(context), self.to_v(context)))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
 
@@ -232,7 +260,8 @@ class UNetMidBlock2DCrossAttn(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-    """`unet(sample [B,C,h,w], timestep (scalar or [B]), context [B,T,D]) -> noise [B,C,h,w]`."""
+    """`unet(sample [B,C,h,w], timestep (scalar or [B]), context [B,T,D]) -> noise [B,C,h,w]`.
+    The context may also be given as `precompute_cross_kv(context)`, once per generation."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -266,9 +295,25 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], c.out_channels, 3, padding=1)
+        for slot, attention in enumerate(self.cross_attentions()):
+            attention.kv_slot = slot
+
+    def cross_attentions(self) -> list[Attention]:
+        return [m for m in self.modules() if isinstance(m, Attention) and m.is_cross]
+
+    def precompute_cross_kv(self, encoder_hidden_states: torch.Tensor) -> CrossKV:
+        """Every cross-attention layer's keys and values for this text context. Pass the
+        result as `encoder_hidden_states` on each step instead of the context itself."""
+        return tuple((a.split_heads(a.to_k(encoder_hidden_states)), a.split_heads(a.to_v(encoder_hidden_states)))
+                     for a in self.cross_attentions())
+
+    def fuse_qkv(self) -> None:
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.fuse_qkv()
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+                encoder_hidden_states: torch.Tensor | CrossKV) -> torch.Tensor:
         c = self.config
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.expand(sample.shape[0]) if t.dim() == 0 else t
