@@ -1,0 +1,63 @@
+"""The fast paths keep parity, each at its own tolerance: fused QKV and precomputed
+cross-attention K/V (exact math, fp32 tolerance), torch.compile (inductor's fused kernels
+reorder float sums), bfloat16 (PSNR against fp32)."""
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from minisd import load_unet
+from minisd.pipeline import Pipeline
+
+REL_TOL = 1e-5        # fused QKV + cached K/V: max |diff| / max |ref|
+COMPILED_TOL = 1e-4   # compiled UNet step, fp32: max |diff| / max |ref|
+BF16_MIN_PSNR = 30.0  # dB, bfloat16 image against the float32 image, same seed
+
+
+def rel_err(ours, ref):
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b) ** 2)))
+
+
+def test_fused_qkv_and_cached_cross_kv_match_diffusers(tiny_current):
+    ref = diffusers.UNet2DConditionModel.from_pretrained(tiny_current / "unet").eval()
+    unet = load_unet(tiny_current)
+    unet.fuse_qkv()
+    assert sorted(unet.state_dict()) == sorted(ref.state_dict())  # keys unchanged by fusion
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 77, 32, generator=g)
+    kv = unet.precompute_cross_kv(ctx)
+    with torch.no_grad():
+        expected = ref(x, 500, ctx).sample
+        assert rel_err(unet(x, 500, kv), expected) <= REL_TOL
+        assert rel_err(unet(x, 500, ctx), expected) <= REL_TOL
+
+
+def test_compiled_pipeline_matches_and_never_recompiles(tiny_current):
+    torch._dynamo.reset()
+    eager = Pipeline.from_pretrained(tiny_current, safety_checker=None)
+    compiled = Pipeline.from_pretrained(tiny_current, safety_checker=None, compile=True)
+    run = dict(num_inference_steps=3, output_type="np", height=64, width=64)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for prompt, seed in (("a red cube", 0), ("another prompt, same size", 1)):
+            want = eager(prompt, generator=torch.Generator().manual_seed(seed), **run).images
+            got = compiled(prompt, generator=torch.Generator().manual_seed(seed), **run).images
+            assert np.abs(got - want).max() <= COMPILED_TOL * 10  # images in [0, 1]
+    g = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        kv = eager.unet.precompute_cross_kv(ctx)
+        assert rel_err(compiled.unet(x, 10, kv), eager.unet(x, 10, kv)) <= COMPILED_TOL
+
+
+def test_bfloat16_image_close_to_float32(tiny_current):
+    run = dict(prompt="a red cube", num_inference_steps=5, output_type="np", height=64, width=64)
+    fp32 = Pipeline.from_pretrained(tiny_current, safety_checker=None)
+    bf16 = Pipeline.from_pretrained(tiny_current, safety_checker=None, dtype=torch.bfloat16)
+    assert bf16.text_encoder.final_layer_norm.weight.dtype == torch.float32  # kept in fp32 on purpose
+    want = fp32(**run, generator=torch.Generator().manual_seed(0)).images
+    got = bf16(**run, generator=torch.Generator().manual_seed(0)).images
+    assert psnr(got, want) >= BF16_MIN_PSNR
