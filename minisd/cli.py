@@ -57,7 +57,9 @@ def build_parser() -> ArgumentParser:
                      "Hugging Face cache, then the embedded model)")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default cpu)")
     gen.add_argument("--dtype", choices=DTYPES, default="auto",
-                     help="auto: float16 on CUDA, float32 elsewhere")
+                     help="auto: float16 on CUDA, bfloat16 on CPUs with native bf16 (AVX512-BF16, AMX), else float32")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the UNet and VAE (slow first image; pays off over several)")
     gen.add_argument("--no-safety-checker", action="store_true", help="do not filter images (logged)")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -162,7 +164,7 @@ def generate(args: argparse.Namespace) -> int:
     model = find_model(args.model)
 
     extra = {"safety_checker": None} if args.no_safety_checker else {}
-    pipe = Pipeline.from_pretrained(model, device=args.device, dtype=dtype, **extra)
+    pipe = Pipeline.from_pretrained(model, device=args.device, dtype=dtype, compile=args.compile, **extra)
     width, height = args.size or (None, None)
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(args.num_images)]
     result = pipe(args.prompt, negative_prompt=args.negative, height=height, width=width,
@@ -184,8 +186,20 @@ def resolve_dtype(name: str, device: str):
     import torch
 
     if name == "auto":
-        return torch.float16 if str(device).startswith("cuda") else torch.float32
+        if str(device).startswith("cuda"):
+            return torch.float16
+        return torch.bfloat16 if str(device) == "cpu" and cpu_has_native_bf16() else torch.float32
     return getattr(torch, name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 matrix products run at twice the fp32 rate only with these instructions; elsewhere
+    bf16 is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from minisd import __version__
 from minisd.cli import find_model, main
 from minisd.errors import CheckpointError
 
-FAST = ["--steps", "2", "--size", "64x64", "--quiet"]
+FAST = ["--steps", "2", "--size", "64x64", "--quiet", "--dtype", "float32"]
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -118,3 +118,11 @@ def test_no_model_anywhere_says_how_to_get_weights(tmp_path, monkeypatch):
     monkeypatch.setattr("minisd.cli.EMBEDDED_MODEL", tmp_path / "none")
     with pytest.raises(CheckpointError, match="small-stable-diffusion-v0.*--model"):
         find_model(None)
+
+
+def test_dtype_auto():
+    import torch
+    from minisd.cli import cpu_has_native_bf16, resolve_dtype
+    assert resolve_dtype("auto", "cuda") == torch.float16
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert resolve_dtype("float32", "cuda") == torch.float32
