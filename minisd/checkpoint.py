@@ -37,6 +37,7 @@ def find_model_folder(folder: str | Path) -> Path:
         candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime)
         if candidates:
             path = candidates[-1]
+    check_model_index(path)
     missing = [c for c in COMPONENTS if not (path / c).is_dir()]
     if len(missing) == len(COMPONENTS):
         raise CheckpointError(f"{path} is not a diffusers pipeline folder: it has none of the "
@@ -45,6 +46,40 @@ def find_model_folder(folder: str | Path) -> Path:
         raise CheckpointError(f"{path}: component folder(s) missing: {', '.join(missing)} "
                               "(an interrupted download? fetch the checkpoint again)")
     return path
+
+
+# What an SD v1 folder's model_index.json may name for each component (older and newer
+# class names of the same models).
+EXPECTED_CLASSES = {
+    "_class_name": {"StableDiffusionPipeline", "OnnxStableDiffusionPipeline"},
+    "unet": {"UNet2DConditionModel"},
+    "vae": {"AutoencoderKL"},
+    "text_encoder": {"CLIPTextModel"},
+    "tokenizer": {"CLIPTokenizer", "CLIPTokenizerFast"},
+    "safety_checker": {"StableDiffusionSafetyChecker"},
+}
+
+
+def check_model_index(path: Path) -> None:
+    """Refuse, with a clear message, a folder whose model_index.json names a pipeline or a
+    component minisd does not implement (SDXL, SD 3, Flux, ...). Scheduler classes are free:
+    minisd runs DPM-Solver++ on any of them."""
+    index_path = path / "model_index.json"
+    if not index_path.exists():
+        return  # optional: minisd needs only the component folders
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        if not isinstance(index, dict):
+            raise ValueError(f"expected a JSON object, found {type(index).__name__}")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
+    for key, allowed in EXPECTED_CLASSES.items():
+        value = index.get(key)
+        name = value[-1] if isinstance(value, list) and len(value) == 2 else value
+        if name is not None and name not in allowed:
+            what = "pipeline" if key == "_class_name" else key
+            raise CheckpointError(f"{index_path}: {what} is {name!r}; minisd runs Stable Diffusion v1 "
+                                  f"({' or '.join(sorted(allowed))})")
 
 
 def read_config(folder: str | Path, component: str) -> dict[str, Any]:

@@ -8,8 +8,9 @@ and `sd_v1()` mirror the published configs; tests shrink them with `dataclasses.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from .errors import CheckpointError
 
@@ -18,23 +19,51 @@ def _as_tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+# Integer fields that may be 0; every other integer (channels, layers, heads, sizes) must be >= 1.
+NON_NEGATIVE = {"freq_shift", "steps_offset", "downsample_padding"}
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Does a json value fit a field annotation such as `int | tuple[int, ...] | None`?"""
+    for option in (o.strip() for o in annotation.split("|")):
+        if option == "None" and value is None:
+            return True
+        if option == "bool" and isinstance(value, bool):
+            return True
+        if option in ("int", "float") and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option == "float" and isinstance(value, float) and math.isfinite(value):
+            return True
+        if option == "str" and isinstance(value, str):
+            return True
+        if option.startswith("tuple[") and isinstance(value, tuple) and value:
+            if all(_matches(v, option[len("tuple["):].split(",")[0]) for v in value):
+                return True
+    return False
+
+
+def _check_value(key: str, value: Any, annotation: str, where: str) -> Any:
+    if not _matches(value, annotation):
+        raise CheckpointError(f"{where}: {key}={value!r:.80} is not a valid {annotation}")
+    ints = [v for v in (value if isinstance(value, tuple) else (value,)) if type(v) is int]
+    if any(v < (0 if key in NON_NEGATIVE else 1) for v in ints) and "float" not in annotation:
+        raise CheckpointError(f"{where}: {key}={value!r} must be {'>= 0' if key in NON_NEGATIVE else 'positive'}")
+    return float(value) if annotation == "float" else value
+
+
 @dataclass(frozen=True)
 class _Config:
-    # json key -> field name, for keys that were renamed over the years.
-    ALIASES: ClassVar[dict[str, str]] = {}
-
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config.json"):
-        names = {f.name for f in dataclasses.fields(cls)}
+        """Keep the keys minisd uses, each checked against its field's type (a malformed
+        config fails here, naming the key, not deep inside torch)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for key, value in raw.items():
-            key = cls.ALIASES.get(key, key)
-            if key in names and value is not None:
-                values[key] = _as_tuple(value)
-        try:
-            config = cls(**values)
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}: {e}") from None
+            field_ = fields.get(key)
+            if field_ is not None and value is not None:
+                values[key] = _check_value(key, _as_tuple(value), str(field_.type), where)
+        config = cls(**values)
         config.validate(where)
         return config
 
@@ -177,14 +206,16 @@ class SafetyCheckerConfig(_Config):
         # Configs written before transformers 4.24 keep the user's overrides in
         # `vision_config_dict` and a full default dump in `vision_config`; prefer the former.
         vision = raw.get("vision_config_dict") or raw.get("vision_config") or {}
-        return cls(CLIPVisionConfig.from_dict(vision, where), int(raw.get("projection_dim", 512)))
+        if not isinstance(vision, dict):
+            raise CheckpointError(f"{where}: vision_config must be an object, got {vision!r:.80}")
+        projection = _check_value("projection_dim", raw.get("projection_dim", 512), "int", where)
+        return cls(CLIPVisionConfig.from_dict(vision, where), projection)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig(_Config):
     """diffusers `DPMSolverMultistepScheduler` options a SD v1 config can carry."""
 
-    ALIASES: ClassVar[dict[str, str]] = {}
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
     beta_end: float = 0.02

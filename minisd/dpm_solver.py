@@ -109,12 +109,14 @@ class DPMSolverMultistep:
                 # Quirk: diffusers' DPM-Solver divides by n + 1 (DDIM/PNDM divide by n), so 10 steps
                 # are 900, 810, ..., 90 plus steps_offset.
                 timesteps = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1] + c.steps_offset
-            else:  # trailing. Quirk kept: for some n (61, 103, ...) float arange yields n + 1
-                # timesteps, the last one -1 (sigma clamped to the first training sigma).
-                timesteps = np.arange(T, 0, -T / n).round() - 1
+            else:  # trailing: T - k*T/n - 1 for k < n. diffusers' float `arange(T, 0, -T/n)`
+                # yields an extra, out-of-range timestep -1 for some n (61, 103, ...); minisd
+                # keeps the first n, equal to diffusers' wherever diffusers is in range.
+                timesteps = (T - np.arange(n) * (T / n)).round() - 1
             sigmas = np.interp(timesteps, np.arange(T), self.train_sigmas)
-        # Quirk kept: karras sigmas already end at sigma_min, so with "sigma_min" the last step has
-        # h = 0: first order and midpoint return the sample unchanged, heun and third order NaN.
+        # Karras sigmas already end at sigma_min, so "sigma_min" appends it twice: the last step
+        # has length 0. diffusers' heun/third-order updates divide by it (NaN); minisd's step
+        # returns the sample unchanged there, as diffusers' first-order and midpoint updates do.
         sigma_last = self.train_sigmas[0] if c.final_sigmas_type == "sigma_min" else 0.0
         self.sigmas = torch.from_numpy(np.append(sigmas, sigma_last).astype(np.float32))
         self.timesteps = torch.from_numpy(timesteps.astype(np.int64)).to(device)
@@ -155,6 +157,10 @@ class DPMSolverMultistep:
             raise InputError(f"step called more than the {n} times set_timesteps scheduled")
 
         x0 = self._predict_x0(model_output, sample, self.sigmas[i])
+        if self.sigmas[i + 1] == self.sigmas[i]:  # zero-length step (see set_timesteps)
+            self._x0_history = (self._x0_history + [x0])[-2:]
+            self._step_index = i + 1
+            return sample.to(x0.dtype)
         # Order: as high as the history allows; lower at the end "for numerical stability with
         # few steps" (diffusers step(): first order on the last step when it goes to sigma 0, or
         # when lower_order_final with < 15 steps; then also at most second order on the one before;

@@ -25,7 +25,7 @@ from PIL import Image
 from .checkpoint import find_model_folder
 from .clip import CLIPTextModel, load_text_encoder
 from .dpm_solver import DPMSolverMultistep, load_scheduler
-from .errors import InputError, MinisdError
+from .errors import CheckpointError, InputError, MinisdError, ResourceError
 from .safety import load_safety_checker
 from .tokenizer import CLIPTokenizer, load_tokenizer
 from .unet import UNet2DConditionModel, load_unet
@@ -47,6 +47,15 @@ class Pipeline:
                  vae: AutoencoderKL, scheduler: DPMSolverMultistep, safety_checker=None, name: str = "minisd"):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.scheduler, self.safety_checker, self.name = scheduler, safety_checker, name
+        unet_config = unet.config
+        mismatches = [
+            f"text_encoder hidden_size {text_encoder.config.hidden_size} != unet cross_attention_dim "
+            f"{unet_config.cross_attention_dim}" if text_encoder.config.hidden_size != unet_config.cross_attention_dim else "",
+            f"vae latent_channels {vae.config.latent_channels} != unet in_channels {unet_config.in_channels}"
+            if vae.config.latent_channels != unet_config.in_channels else "",
+        ]
+        if any(mismatches):
+            raise CheckpointError(f"{name}: components do not fit together: " + "; ".join(m for m in mismatches if m))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
@@ -111,6 +120,7 @@ class Pipeline:
                                                 guidance_scale, num_images_per_prompt, guidance_rescale,
                                                 output_type)
         n = len(prompts) * num_images_per_prompt
+        check_memory(n, height, width, self.dtype, self.device)
         use_cfg = guidance_scale > 1.0  # guidance 1 is the plain conditional prediction
 
         context = self.encode_prompt(prompts, num_images_per_prompt)
@@ -123,9 +133,11 @@ class Pipeline:
         latents = self.prepare_latents(n, height // f, width // f, generator, latents)
 
         bar = ProgressBar(len(self.scheduler.timesteps), enabled=progress)
-        for t in self.scheduler.timesteps:
+        for i, t in enumerate(self.scheduler.timesteps):
             model_in = torch.cat([latents] * 2) if use_cfg else latents
             noise = self.unet(self.scheduler.scale_model_input(model_in, t), t, context)
+            if i == 0:  # once, not every step: each check stalls a GPU
+                check_finite(noise, "the UNet's first prediction", "unet weights hold NaN/inf, or float16 overflowed")
             if use_cfg:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + guidance_scale * (cond - uncond)
@@ -134,14 +146,13 @@ class Pipeline:
             latents = self.scheduler.step(noise, t, latents)
             bar.update()
         bar.close()
-        # One check, not one per step (each would stall a GPU): never hand back a silently black image.
-        if not torch.isfinite(latents).all():
-            raise MinisdError("the denoised latents contain NaN or infinity: the checkpoint may hold "
-                              "NaN weights, or float16 overflowed (try dtype=torch.float32 / --dtype float32)")
+        check_finite(latents, "the denoised latents", "float16 overflowed, or the scheduler config is degenerate")
 
         if output_type == "latent":
             return PipelineOutput(latents, None)
-        images = self.vae.decode(latents / self.vae.scaling_factor)
+        # One image at a time: the decoder's full-resolution activations dominate peak memory.
+        images = torch.cat([self.vae.decode(z / self.vae.scaling_factor) for z in latents.split(1)])
+        check_finite(images, "the VAE's decoded image", "vae weights hold NaN/inf, or float16 overflowed")
         images = (images / 2 + 0.5).clamp(0, 1)
         nsfw = None
         if self.safety_checker is not None:
@@ -156,8 +167,9 @@ class Pipeline:
                 log.warning("The following part of your input was truncated because CLIP can only "
                             "handle sequences up to %d tokens: %r", self.tokenizer.model_max_length, cut)
         ids = self.tokenizer(prompts).to(self.device)
-        context = self.text_encoder(ids).to(self.dtype)
-        return context.repeat_interleave(num_images_per_prompt, dim=0)
+        context = self.text_encoder(ids)
+        check_finite(context, "the text encoder's output", "text_encoder weights hold NaN/inf")
+        return context.to(self.dtype).repeat_interleave(num_images_per_prompt, dim=0)
 
     def prepare_latents(self, n: int, h: int, w: int, generator, latents: torch.Tensor | None) -> torch.Tensor:
         shape = (n, self.unet.config.in_channels, h, w)
@@ -203,6 +215,45 @@ class Pipeline:
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type: must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         return prompts, negatives
+
+
+def check_finite(tensor: torch.Tensor, what: str, likely_cause: str) -> None:
+    """Never hand back a silently black or grey image: NaN/inf stops the run, saying where."""
+    if not torch.isfinite(tensor).all():
+        raise MinisdError(f"{what} contains NaN or infinity ({likely_cause}); "
+                          "try dtype=torch.float32 (--dtype float32), or re-download the checkpoint")
+
+
+def estimated_peak_bytes(n: int, height: int, width: int, itemsize: int) -> int:
+    """A deliberately rough upper estimate of the activations one generation needs: the VAE
+    decoder's last blocks (up to 256 channels, a few buffers, at full resolution, one image at
+    a time) and the UNet's (320 channels at 1/8 resolution, CFG batch, a dozen buffers)."""
+    vae = height * width * 256 * 4 * itemsize
+    unet = 2 * n * (height // 8) * (width // 8) * 320 * 12 * itemsize
+    return vae + unet
+
+
+def available_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return None  # unknown: don't guess
+
+
+def check_memory(n: int, height: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a size that cannot fit before allocating anything, rather than swapping the
+    machine to a halt or dying mid-run."""
+    need = estimated_peak_bytes(n, height, width, torch.finfo(dtype).bits // 8)
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise ResourceError(f"{n} image(s) of {width}x{height} need about {need / 2**30:.1f} GiB, but "
+                            f"{device} has {have / 2**30:.1f} GiB available; choose a smaller size or fewer images")
 
 
 def _as_prompt_list(prompt, name: str) -> list[str]:
