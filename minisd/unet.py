@@ -97,6 +97,15 @@ class Attention(nn.Module):
             layer.weight = nn.Parameter(fused[i * n:(i + 1) * n], requires_grad=False)
         self.qkv_weight = fused
 
+    def _apply(self, fn, recurse=True):
+        # `.to()`, `.half()`, `.cuda()` convert each parameter on its own, which would leave a
+        # stale fused copy behind; fuse again from the converted weights.
+        super()._apply(fn, recurse)
+        if self.qkv_weight is not None:
+            self.qkv_weight = None
+            self.fuse_qkv()
+        return self
+
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:
         return rearrange(t, "b n (h d) -> b h n d", h=self.heads)
 

@@ -61,3 +61,15 @@ def test_bfloat16_image_close_to_float32(tiny_current):
     want = fp32(**run, generator=torch.Generator().manual_seed(0)).images
     got = bf16(**run, generator=torch.Generator().manual_seed(0)).images
     assert psnr(got, want) >= BF16_MIN_PSNR
+
+
+def test_fused_weights_follow_dtype_conversion(tiny_current):
+    unet = load_unet(tiny_current)
+    unet.fuse_qkv()
+    unet.to(torch.bfloat16)
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    assert attn.qkv_weight.dtype == torch.bfloat16
+    assert attn.to_q.weight.data_ptr() == attn.qkv_weight.data_ptr()  # still views, no copy
+    x, ctx = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), torch.randn(1, 77, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert unet(x, 1, ctx).dtype == torch.bfloat16
