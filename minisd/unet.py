@@ -59,9 +59,11 @@ class ResnetBlock2D(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            h += self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+        # In place on our own intermediates only (never on `x`): on the CPU every fresh
+        # full-size tensor costs page faults, and these adds run dozens of times a step.
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
 # Cross-attention keys and values, precomputed once per generation (one (k, v) pair per
@@ -160,9 +162,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = self.attn1(self.norm1(x)).add_(x)  # residuals added in place into the fresh output
+        x = self.attn2(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
 
 
 class Transformer2DModel(nn.Module):
@@ -181,7 +183,7 @@ class Transformer2DModel(nn.Module):
         tokens = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return x + self.proj_out(rearrange(tokens, "b (h w) c -> b c h w", h=h, w=w))
+        return self.proj_out(rearrange(tokens, "b (h w) c -> b c h w", h=h, w=w)).add_(x)
 
 
 class Downsample2D(nn.Module):

@@ -39,7 +39,7 @@ class VAEAttention(nn.Module):
         tokens = rearrange(self.group_norm(x), "b c h w -> b 1 (h w) c")
         out = F.scaled_dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
         out = self.to_out[0](out)
-        return x + rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w)
+        return rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w).add_(x)
 
 
 class MidBlock(nn.Module):
