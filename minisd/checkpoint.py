@@ -30,6 +30,9 @@ def find_model_folder(folder: str | Path) -> Path:
     """Check that `folder` is a diffusers pipeline folder; a Hugging Face cache entry
     (`models--org--name`) resolves to its newest snapshot."""
     path = Path(folder).expanduser()
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; pass the model folder (the one that holds "
+                              "model_index.json and the unet/, vae/, ... folders)")
     if not path.is_dir():
         raise CheckpointError(f"model folder not found: {path}")
     snapshots = path / "snapshots"
@@ -149,23 +152,24 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         try:
             return safetensors.torch.load_file(path)
         except Exception as e:  # safetensors raises its own error types and OSError
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e}); "
+                                  "download it again") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
         if "mmap" not in str(e):
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+            raise _unreadable(path, e) from None
         state = _torch_load_unmapped(path)  # pre-zip pickles (torch < 1.6) cannot be mapped
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load: the pickle holds objects other than "
-                              f"tensors, and minisd never executes checkpoint code "
-                              f"({_first_line(e)})") from None
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        raise _unreadable(path, e) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: expected a dict of tensors, but {key!r:.80} holds a "
+                                  f"{type(value).__name__}; is this a model weights file?")
     return state
 
 
@@ -173,7 +177,22 @@ def _torch_load_unmapped(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    # torch's first lines advise `weights_only=False`, which would run the file's code: quote
+    # only what stopped its unpickler.
+    text = str(e) if isinstance(e, pickle.UnpicklingError) else ""
+    wants = re.search(r"GLOBAL ([\w.]+)", text)  # a class or function to call: what code needs
+    if wants:
+        return CheckpointError(f"{path}: refused to load: the pickle asks for {wants[1]}, not just tensors, "
+                               "and minisd never executes checkpoint code; use the model's .safetensors "
+                               "weights or a copy from a trusted source")
+    detail = re.search(r"Unsupported [^\n]*", text)
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint "
+                           f"({detail[0].strip() if detail else _first_line(e)}); the file is corrupt "
+                           "or truncated, download it again")
 
 
 def _first_line(e: Exception) -> str:

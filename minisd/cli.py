@@ -9,6 +9,7 @@ and every image is written atomically (a temporary file renamed into place).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import random
@@ -17,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
-from .errors import CheckpointError, InputError, MinisdError
+from .errors import CheckpointError, InputError, MinisdError, ResourceError
 
 HUB_REPO = "models--OFA-Sys--small-stable-diffusion-v0"
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "minisd-shapes"
@@ -109,6 +110,8 @@ def check_writable(paths: list[Path], overwrite: bool) -> None:
             raise InputError(f"--output: folder {str(folder)!r} does not exist")
         if not os.access(folder, os.W_OK):
             raise InputError(f"--output: folder {str(folder)!r} is not writable")
+        if path.is_dir():
+            raise InputError(f"--output: {str(path)!r} is a folder; name a .png file")
         if path.exists() and not overwrite:
             raise InputError(f"--output: {str(path)!r} exists; choose another name or pass --overwrite")
 
@@ -131,6 +134,11 @@ def save_png_atomically(image, path: Path, parameters: str, overwrite: bool) -> 
             os.link(tmp, path)
     except FileExistsError:
         raise InputError(f"--output: {str(path)!r} appeared while generating; not overwritten") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        raise ResourceError(f"--output: no space left to write {str(path)!r} ({e.strerror}); "
+                            "free some space or choose another folder") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -160,6 +168,7 @@ def generate(args: argparse.Namespace) -> int:
         raise InputError(f"--seed: must lie in [0, {MAX_SEED - args.num_images}], got {seed}")
     paths = output_paths(args.output, args.num_images)
     check_writable(paths, args.overwrite)
+    check_device(args.device)
     dtype = resolve_dtype(args.dtype, args.device)
     model = find_model(args.model)
 
@@ -180,6 +189,23 @@ def generate(args: argparse.Namespace) -> int:
         note = " (blacked out: the safety checker flagged it)" if flagged[i] else ""
         print(f"wrote {path}{note}")
     return 0
+
+
+def check_device(name: str) -> None:
+    """Refuse a device this machine does not have before loading anything (torch would fail
+    later, deep inside the loader, with an AssertionError or RuntimeError)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device: {name!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    backend = getattr(torch, device.type, None)  # torch.cpu, torch.cuda, torch.mps, torch.xpu
+    if not (hasattr(backend, "is_available") and backend.is_available()):
+        raise InputError(f"--device: {name!r} is not available on this machine (or this torch build); "
+                         "try --device cpu")
+    if device.index is not None and device.index >= backend.device_count():
+        raise InputError(f"--device: {name!r}: this machine has {backend.device_count()} {device.type} device(s)")
 
 
 def resolve_dtype(name: str, device: str):

@@ -256,6 +256,17 @@ class SchedulerConfig(_Config):
             if getattr(self, key) not in ok:
                 raise CheckpointError(f"{where}: {key}={getattr(self, key)!r} is not supported "
                                       f"(minisd supports {', '.join(map(str, ok))})")
+        # Each beta is the variance of one noising step: outside (0, 1) the schedule's
+        # sigmas turn to 0, inf or NaN and every image comes out NaN.
+        betas = ({f"trained_betas[{i}]": b for i, b in enumerate(self.trained_betas)} if self.trained_betas
+                 else {"beta_start": self.beta_start, "beta_end": self.beta_end})
+        bad = [f"{key}={b}" for key, b in betas.items() if not 0 < b < 1]
+        if bad:
+            raise CheckpointError(f"{where}: {', '.join(bad[:3])}: every beta must lie strictly between 0 and 1")
+        # "leading" spacing adds steps_offset to timesteps up to T/2 even for one step.
+        if self.steps_offset >= (self.num_train_timesteps + 1) // 2:
+            raise CheckpointError(f"{where}: steps_offset={self.steps_offset} must be less than half of "
+                                  f"num_train_timesteps={self.num_train_timesteps} (SD v1 uses 1)")
 
 
 def small_sd() -> dict[str, _Config]:

@@ -103,16 +103,15 @@ class DPMSolverMultistep:
             sigmas = (hi + np.linspace(0, 1, n) * (lo - hi)) ** 7.0
             timesteps = self._sigma_to_t(sigmas).round()
         else:
-            if c.timestep_spacing == "linspace":
-                timesteps = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
-            elif c.timestep_spacing == "leading":
-                # Quirk: diffusers' DPM-Solver divides by n + 1 (DDIM/PNDM divide by n), so 10 steps
-                # are 900, 810, ..., 90 plus steps_offset.
-                timesteps = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1] + c.steps_offset
-            else:  # trailing: T - k*T/n - 1 for k < n. diffusers' float `arange(T, 0, -T/n)`
-                # yields an extra, out-of-range timestep -1 for some n (61, 103, ...); minisd
-                # keeps the first n, equal to diffusers' wherever diffusers is in range.
-                timesteps = (T - np.arange(n) * (T / n)).round() - 1
+            timesteps = self._spaced_timesteps(n)
+            if not self._fits(timesteps):
+                # linspace at n = T repeats a timestep, leading at n = T puts all of them at 0 and
+                # leading + steps_offset can reach t = T: zero-length steps, after which the
+                # multistep update divides 0 by 0 (diffusers: NaN latents or an IndexError).
+                most = next(k for k in range(n - 1, 0, -1) if self._fits(self._spaced_timesteps(k)))
+                raise InputError(f"num_inference_steps={n} is too many for timestep_spacing="
+                                 f"{c.timestep_spacing!r} over {T} training timesteps (steps would "
+                                 f"repeat a timestep or pass {T - 1}); use at most {most}")
             sigmas = np.interp(timesteps, np.arange(T), self.train_sigmas)
         # Karras sigmas already end at sigma_min, so "sigma_min" appends it twice: the last step
         # has length 0. diffusers' heun/third-order updates divide by it (NaN); minisd's step
@@ -122,6 +121,25 @@ class DPMSolverMultistep:
         self.timesteps = torch.from_numpy(timesteps.astype(np.int64)).to(device)
         self._step_index = None
         self._x0_history = []
+
+    def _spaced_timesteps(self, n: int) -> np.ndarray:
+        """The n timesteps of `timestep_spacing`, highest first, as float64 integers."""
+        c, T = self.config, self.config.num_train_timesteps
+        if c.timestep_spacing == "linspace":
+            return np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+        if c.timestep_spacing == "leading":
+            # Quirk: diffusers' DPM-Solver divides by n + 1 (DDIM/PNDM divide by n), so 10 steps
+            # are 900, 810, ..., 90 plus steps_offset.
+            return (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1] + c.steps_offset
+        # trailing: T - k*T/n - 1 for k < n. diffusers' float `arange(T, 0, -T/n)` yields an
+        # extra, out-of-range timestep -1 for some n (61, 103, ...); minisd keeps the first n,
+        # equal to diffusers' wherever diffusers is in range.
+        return (T - np.arange(n) * (T / n)).round() - 1
+
+    def _fits(self, timesteps: np.ndarray) -> bool:
+        """Strictly decreasing and inside the training range [0, T)."""
+        return bool(np.all(np.diff(timesteps) < 0) and timesteps[0] < self.config.num_train_timesteps
+                    and timesteps[-1] >= 0)
 
     def _sigma_to_t(self, sigmas: np.ndarray) -> np.ndarray:
         """Fractional training timestep of each sigma, by linear interpolation in log sigma

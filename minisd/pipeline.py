@@ -173,7 +173,12 @@ class Pipeline:
 
     def prepare_latents(self, n: int, h: int, w: int, generator, latents: torch.Tensor | None) -> torch.Tensor:
         shape = (n, self.unet.config.in_channels, h, w)
+        generators = generator if isinstance(generator, (list, tuple)) else [generator]
+        if latents is None and not all(g is None or isinstance(g, torch.Generator) for g in generators):
+            raise InputError(f"generator: expected a torch.Generator or a list of them, got {generator!r:.80}")
         if latents is not None:
+            if not isinstance(latents, torch.Tensor):
+                raise InputError(f"latents: expected a torch.Tensor of shape {shape}, got {type(latents).__name__}")
             if tuple(latents.shape) != shape:
                 raise InputError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
             if not torch.isfinite(latents).all():
@@ -208,8 +213,10 @@ class Pipeline:
         if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
             raise InputError(f"num_inference_steps: must be an integer from 1 to 1000, got {steps!r}")
         for name, value in (("guidance_scale", guidance), ("guidance_rescale", guidance_rescale)):
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise InputError(f"{name}: must be a finite number, got {value!r}")
+        if not 0 <= guidance_rescale <= 1:  # a blend weight (arXiv 2305.08891, section 3.4)
+            raise InputError(f"guidance_rescale: must lie in [0, 1] (0.7 is typical), got {guidance_rescale!r}")
         if not isinstance(per_prompt, int) or isinstance(per_prompt, bool) or per_prompt < 1:
             raise InputError(f"num_images_per_prompt: must be a positive integer, got {per_prompt!r}")
         if output_type not in OUTPUT_TYPES:
@@ -263,6 +270,11 @@ def _as_prompt_list(prompt, name: str) -> list[str]:
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise InputError(f"{name}[{i}]: expected a string, got {type(p).__name__}")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: how Python keeps undecodable argv bytes
+            raise InputError(f"{name}[{i}]: not valid Unicode text ({e.reason}: {p[e.start:e.end]!r} at "
+                             f"position {e.start}, from a byte that is not UTF-8); pass the prompt as UTF-8") from None
     return list(prompts)
 
 
