@@ -82,11 +82,17 @@ class CLIPEncoder(nn.Module):
         return x
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    # The weights come from the checkpoint: skip nn.Embedding's random init, which on the meta
+    # device (where loading builds modules) would import torch's compiler, a second of start-up.
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class CLIPTextEmbeddings(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_embedding = embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = embedding(config.max_position_embeddings, config.hidden_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(ids.shape[1], device=ids.device)
@@ -129,7 +135,7 @@ class CLIPVisionEmbeddings(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(dim))
         self.patch_embedding = nn.Conv2d(config.num_channels, dim, patch, stride=patch, bias=False)
         num_positions = (config.image_size // patch) ** 2 + 1  # patches + the class token
-        self.position_embedding = nn.Embedding(num_positions, dim)
+        self.position_embedding = embedding(num_positions, dim)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         patches = rearrange(self.patch_embedding(pixels), "b c h w -> b (h w) c")

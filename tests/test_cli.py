@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -47,7 +48,10 @@ def test_seed_reproduces_and_n_images_use_consecutive_seeds(tiny_current, tmp_pa
                  "--model", str(tiny_current), *FAST]) == 0
     second = Image.open(tmp_path / "cats-1.png")
     assert "Seed: 6," in second.text["parameters"]
-    assert second.tobytes() == Image.open(tmp_path / "one.png").tobytes()
+    # Same seed, same image; a batch of 2 may round a float differently than a batch of 1,
+    # so allow one 8-bit level.
+    diff = np.abs(np.asarray(second, dtype=np.int16) - np.asarray(Image.open(tmp_path / "one.png"), dtype=np.int16))
+    assert diff.max() <= 1
 
 
 def test_random_seed_is_printed(tiny_current, tmp_path):
