@@ -47,15 +47,15 @@ class Pipeline:
                  vae: AutoencoderKL, scheduler: DPMSolverMultistep, safety_checker=None, name: str = "minisd"):
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.scheduler, self.safety_checker, self.name = scheduler, safety_checker, name
-        unet_config = unet.config
-        mismatches = [
-            f"text_encoder hidden_size {text_encoder.config.hidden_size} != unet cross_attention_dim "
-            f"{unet_config.cross_attention_dim}" if text_encoder.config.hidden_size != unet_config.cross_attention_dim else "",
-            f"vae latent_channels {vae.config.latent_channels} != unet in_channels {unet_config.in_channels}"
-            if vae.config.latent_channels != unet_config.in_channels else "",
-        ]
-        if any(mismatches):
-            raise CheckpointError(f"{name}: components do not fit together: " + "; ".join(m for m in mismatches if m))
+        problems = []
+        if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
+            problems.append(f"text_encoder hidden_size {text_encoder.config.hidden_size} != "
+                            f"unet cross_attention_dim {unet.config.cross_attention_dim}")
+        if vae.config.latent_channels != unet.config.in_channels:
+            problems.append(f"vae latent_channels {vae.config.latent_channels} != unet in_channels "
+                            f"{unet.config.in_channels}")
+        if problems:
+            raise CheckpointError(f"{name}: components do not fit together: {'; '.join(problems)}")
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
