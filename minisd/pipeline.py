@@ -172,7 +172,8 @@ class Pipeline:
         prompt's copies next to each other (as diffusers orders them)."""
         for cut in self.tokenizer.truncated_text(prompts):
             if cut:
-                shown = cut if len(cut) <= 200 else f"{cut[:200]}... ({len(cut) - 200} more characters)"
+                # A 10,000-character prompt should not flood the log: its start and its end.
+                shown = cut if len(cut) <= 240 else f"{cut[:120]} [... {len(cut) - 240} characters ...] {cut[-120:]}"
                 log.warning("The following part of your input was truncated because CLIP can only "
                             "handle sequences up to %d tokens: %r", self.tokenizer.model_max_length, shown)
         ids = self.tokenizer(prompts).to(self.device)
