@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import make_tiny_checkpoint  # noqa: E402  (needs tools/ on sys.path)
+import torch  # noqa: E402
+
+# The fixtures' models are tiny: a second thread costs more in synchronisation than it saves,
+# and on a busy machine a thread that waits for a preempted partner slows every op badly.
+torch.set_num_threads(1)
 
 FORMATS = make_tiny_checkpoint.FORMATS  # ("current", "legacy")
 
