@@ -64,19 +64,27 @@ EXPECTED_CLASSES = {
 }
 
 
-def check_model_index(path: Path) -> None:
-    """Refuse, with a clear message, a folder whose model_index.json names a pipeline or a
-    component minisd does not implement (SDXL, SD 3, Flux, ...). Scheduler classes are free:
-    minisd runs DPM-Solver++ on any of them."""
+def read_model_index(path: Path) -> dict[str, Any]:
+    """`model_index.json` as a dict; {} when the folder has none (minisd needs only the
+    component folders)."""
     index_path = path / "model_index.json"
     if not index_path.exists():
-        return  # optional: minisd needs only the component folders
+        return {}
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         if not isinstance(index, dict):
             raise ValueError(f"expected a JSON object, found {type(index).__name__}")
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
+    return index
+
+
+def check_model_index(path: Path) -> None:
+    """Refuse, with a clear message, a folder whose model_index.json names a pipeline or a
+    component minisd does not implement (SDXL, SD 3, Flux, ...). Scheduler classes are free:
+    minisd runs DPM-Solver++ on any of them."""
+    index = read_model_index(path)
+    index_path = path / "model_index.json"
     for key, allowed in EXPECTED_CLASSES.items():
         value = index.get(key)
         name = value[-1] if isinstance(value, list) and len(value) == 2 else value
