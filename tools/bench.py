@@ -90,19 +90,6 @@ GUIDANCE = 7.5
 FP32_MIN_PSNR_DB = 40.0  # minisd fp32 vs diffusers fp32, same seed, whole pipeline (or less: parity_checks)
 HALF_MARGIN_DB = 3.0  # minisd half vs diffusers fp32 may be this much below diffusers half's PSNR
 
-# Overrides of make_tiny_checkpoint's tiny configs that give small-sd's full shapes
-# (/work/shared/checkpoint-facts.md, "Configs"). The safety checker stays tiny: never run here.
-FULL = {
-    "unet": dict(
-        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
-    "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                norm_num_groups=32, sample_size=512),
-    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                         num_hidden_layers=12),  # vocab 49408, 77 positions, quick_gelu: as tiny
-}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODE_RE = re.compile(r"^(diffusers|minisd)-(fp32|bf16|fp16)(-compiled)?$")
 START = time.perf_counter()
@@ -152,8 +139,12 @@ def default_modes(device: str, diffusers_compiled: bool) -> list[Mode]:
 
 def model_folder(cache_dir: Path, tiny: bool, seed: int) -> Path:
     """The random pipeline folder, built (in a subprocess, so its memory goes back) if missing."""
+    import make_tiny_checkpoint as mtc  # here, not at the top: workers must not import diffusers
+
     folder = cache_dir / ("bench-tiny" if tiny else "bench-small-sd")
-    want = {"configs": {} if tiny else FULL, "seed": seed, "format": "current"}
+    # small-sd's full shapes; the safety checker stays tiny (never run here).
+    full = {k: v for k, v in mtc.SMALL_SD.items() if k != "safety_checker"}
+    want = {"configs": {} if tiny else full, "seed": seed, "format": "current"}
     marker = folder / "bench-model.json"
     if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(want)):
         return folder

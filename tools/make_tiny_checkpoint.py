@@ -143,6 +143,23 @@ LEGACY_VAE_KEYS = (  # no scaling_factor: it did not exist yet (0.18215 was hard
 )
 
 
+# Overrides of the tiny configs that give small-sd's full shapes
+# (/work/shared/checkpoint-facts.md, "Configs").
+SMALL_SD = {
+    "unet": dict(
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
+    "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                norm_num_groups=32, sample_size=512),
+    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                         num_hidden_layers=12),  # vocab 49408, 77 positions, quick_gelu: as tiny
+    "safety_checker": dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                           num_hidden_layers=24, patch_size=14, image_size=224, projection_dim=768),
+}
+
+
 def tiny_unet_config(**overrides) -> dict:
     return {**TINY_UNET, **overrides}
 

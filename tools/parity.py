@@ -37,21 +37,6 @@ REL_TOL = 1e-4  # max|minisd - ref| / max|ref|, fp32 CPU
 UNET_PARAMS = 579_384_964  # the published small-sd UNet
 SCORE_STEP = 1e-3  # the safety checker rounds its scores to 3 decimals
 
-# Overrides of make_tiny_checkpoint's tiny configs that give small-sd's full shapes
-# (/work/shared/checkpoint-facts.md, "Configs").
-FULL = {
-    "unet": dict(
-        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
-    "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                norm_num_groups=32, sample_size=512),
-    "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                         num_hidden_layers=12),  # vocab 49408, 77 positions, quick_gelu: as tiny
-    "safety_checker": dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-                           num_hidden_layers=24, patch_size=14, image_size=224, projection_dim=768),
-}
 SHORT = {"unet": "unet", "vae": "vae", "text": "text_encoder", "safety": "safety_checker"}
 
 
@@ -69,7 +54,7 @@ def timed(fn, *args):
 
 def write_reference(component: str, folder: Path, seed: int) -> torch.nn.Module:
     """Build `component` at full size (the rest tiny), write the legacy folder, return the model."""
-    parts = mtc.build_components(seed, **{component: FULL[component]})
+    parts = mtc.build_components(seed, **{component: mtc.SMALL_SD[component]})
     if component == "safety_checker":
         # Cosines of random 768-d vectors are ~N(0, 0.036); randomize_'s thresholds (~0.9)
         # would score every concept near -0.9. Thresholds near 0 make about half the
