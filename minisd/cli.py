@@ -128,6 +128,7 @@ def save_png_atomically(image, path: Path, parameters: str, overwrite: bool) -> 
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give what open() would
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -142,6 +143,12 @@ def save_png_atomically(image, path: Path, parameters: str, overwrite: bool) -> 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def generation_parameters(prompt: str, negative: str, steps: int, sampler: str, guidance: float,

@@ -39,6 +39,9 @@ def test_generate_writes_png_with_parameters(tiny_legacy, tmp_path):
         "an apple, 4k\nNegative prompt: blurry\n"
         f"Steps: 2, Sampler: DPM++ 2M, CFG scale: 6.5, Seed: 42, Size: 64x64, Model: {tiny_legacy.name}")
     assert [p.name for p in tmp_path.iterdir()] == ["apple.png"]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # permissions as any new file gets
 
 
 def test_seed_reproduces_and_n_images_use_consecutive_seeds(tiny_current, tmp_path):
