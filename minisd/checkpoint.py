@@ -190,7 +190,7 @@ def _torch_load_unmapped(path: Path) -> dict:
 
 
 def _unreadable(path: Path, e: Exception) -> CheckpointError:
-    # torch's first lines advise `weights_only=False`, which would run the file's code: quote
+    # torch's first lines advise turning weights_only off, which would run the file's code: quote
     # only what stopped its unpickler.
     text = str(e) if isinstance(e, pickle.UnpicklingError) else ""
     wants = re.search(r"GLOBAL ([\w.]+)", text)  # a class or function to call: what code needs
