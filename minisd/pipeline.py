@@ -77,17 +77,18 @@ class Pipeline:
             elif part_dtype is None:
                 parts[name] = load(folder)
             else:
-                parts[name] = load(folder, device=device, dtype=part_dtype, variant=variant)
+                # Channels-last (NHWC) is the layout oneDNN's and cuDNN's fast convolutions want,
+                # and it makes the UNet's feature-map <-> token reshapes free views. Measured on
+                # the CPU: 15% faster UNet steps in fp32 and 11% in bf16 (small-sd, 256x256).
+                layout = {"channels_last": True} if name in ("unet", "vae") else {}
+                parts[name] = load(folder, device=device, dtype=part_dtype, variant=variant, **layout)
         parts["safety_checker"] = _load_safety_checker(folder, device, dtype, variant, components)
         if components:
             raise InputError(f"Pipeline.from_pretrained: unknown component(s) {sorted(components)}")
         pipe = cls(**parts, name=folder.name)
-        pipe.unet.fuse_qkv()
-        # Channels-last (NHWC) is the layout oneDNN's and cuDNN's fast convolutions want, and it
-        # makes the UNet's feature-map <-> token reshapes free views. Measured on the CPU:
-        # 15% faster UNet steps in fp32 and 11% in bf16 (small-sd, 256x256).
-        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.unet.to(memory_format=torch.channels_last)  # no-ops, unless the caller passed them
         pipe.vae.to(memory_format=torch.channels_last)
+        pipe.unet.fuse_qkv()
         if compile:
             pipe.compile(None if compile is True else compile)
         return pipe

@@ -350,5 +350,6 @@ class UNet2DConditionModel(nn.Module):
 
 
 def load_unet(pipeline_folder: str | Path, device="cpu", dtype=torch.float32,
-              variant: str | None = None) -> UNet2DConditionModel:
-    return load_component(pipeline_folder, "unet", UNet2DConditionModel, UNetConfig, device, dtype, variant)
+              variant: str | None = None, channels_last: bool = False) -> UNet2DConditionModel:
+    """`channels_last=True` stores the convolution kernels NHWC, the layout fast convolutions want."""
+    return load_component(pipeline_folder, "unet", UNet2DConditionModel, UNetConfig, device, dtype, variant, channels_last)

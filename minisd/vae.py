@@ -161,5 +161,6 @@ class AutoencoderKL(nn.Module):
 
 
 def load_vae(pipeline_folder: str | Path, device="cpu", dtype=torch.float32,
-             variant: str | None = None) -> AutoencoderKL:
-    return load_component(pipeline_folder, "vae", AutoencoderKL, VAEConfig, device, dtype, variant)
+             variant: str | None = None, channels_last: bool = False) -> AutoencoderKL:
+    """`channels_last=True` stores the convolution kernels NHWC, the layout fast convolutions want."""
+    return load_component(pipeline_folder, "vae", AutoencoderKL, VAEConfig, device, dtype, variant, channels_last)

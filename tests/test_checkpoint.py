@@ -197,3 +197,76 @@ def test_fp16_variant_and_shards(copy_of):
     path.unlink()
     unet = load_unet(folder)
     assert torch.equal(unet.conv_in.weight, state["conv_in.weight"])
+
+
+# --- how tensors are read ---------------------------------------------------------------
+
+def write_safetensors_in_order(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A .safetensors file with the tensors in the given order (save_file sorts them by
+    alignment): https://github.com/huggingface/safetensors#format"""
+    import json
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+    header, blobs, offset = {}, [], 0
+    for key, t in tensors.items():
+        data = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def test_stored_tensors_read_as_the_safetensors_library_does(tmp_path):
+    """minisd reads .safetensors bytes itself (mapped, or straight into a converted tensor):
+    every way of reading gives what safetensors.torch.load_file gives. A 6-byte tensor first
+    puts the next ones at offsets their element size does not divide (no mapping then)."""
+    import safetensors.torch
+    from minisd.checkpoint import stored_tensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"odd_half": torch.randn(3, generator=g).half(),
+               "conv": torch.randn(5, 3, 3, 3, generator=g), "bf": torch.randn(7, 2, generator=g).bfloat16(),
+               "empty": torch.zeros(0, 3), "int": torch.arange(5)}
+    for name, layout in (("saved", None), ("unaligned", tensors)):
+        path = tmp_path / f"{name}.safetensors"
+        if layout is None:
+            safetensors.torch.save_file(tensors, path)
+        else:
+            write_safetensors_in_order(path, tensors)
+        reference = safetensors.torch.load_file(path)
+        stored = stored_tensors(path)
+        assert set(stored) == set(reference)
+        assert (stored["conv"].mapped() is None) == (name == "unaligned")
+        for key, ref in reference.items():
+            s = stored[key]
+            assert (s.shape, s.dtype) == (ref.shape, ref.dtype)
+            assert torch.equal(s.read(), ref)
+            if s.mapped() is not None:
+                assert torch.equal(s.mapped(), ref)
+            if ref.is_floating_point():
+                as_bf16 = s.read(torch.bfloat16, torch.channels_last)
+                assert torch.equal(as_bf16, ref.bfloat16())
+                if ref.dim() == 4:
+                    assert as_bf16.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_loaded_weights_never_write_to_the_file(copy_of):
+    """fp32 weights stay in the file's mapping, copy-on-write: changing them in memory must
+    leave the user's file as it was."""
+    folder = copy_of()
+    path = find_weights(folder, "text_encoder")[0]
+    before = path.read_bytes()
+    encoder = load_component(folder, "text_encoder", CLIPTextModel, type(small_sd()["text_encoder"]))
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.fill_(3.0)
+    del encoder
+    assert path.read_bytes() == before
+
+
+def test_channels_last_load_is_the_same_model(tiny_current):
+    a, b = load_unet(tiny_current), load_unet(tiny_current, dtype=torch.bfloat16, channels_last=True)
+    assert b.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va.bfloat16(), vb)
