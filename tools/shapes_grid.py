@@ -40,6 +40,16 @@ def grid(images: list[np.ndarray], captions: list[str], cols: int = 4, scale: in
     return sheet
 
 
+def write_samples(pipe, out: Path, n: int = 16, seed: int = 2024, steps: int = 25, cols: int = 4) -> None:
+    """Draw n prompts from the grammar (seeded), generate one image each, save the grid."""
+    import eval_shapes
+
+    texts = [text for text, _ in eval_shapes.prompts(n, seed)]
+    seeds = [seed * 1000 + i for i in range(n)]
+    images = eval_shapes.generate(pipe, texts, seeds, steps, 7.5)
+    grid(list(images), [f"{t} (seed {s})" for t, s in zip(texts, seeds)], cols).save(out)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=MODEL)
@@ -52,15 +62,12 @@ def main(argv=None) -> None:
 
     import torch
 
-    import eval_shapes
     from minisd.pipeline import Pipeline
 
     torch.set_num_threads(1)
     pipe = Pipeline.from_pretrained(args.model, safety_checker=None)
-    texts = [text for text, _ in eval_shapes.prompts(args.n, args.seed)]
-    images = eval_shapes.generate(pipe, texts, [args.seed * 1000 + i for i in range(args.n)], args.steps, 7.5)
     out = args.out or args.model / "samples.png"
-    grid(list(images), [f"{t} (seed {args.seed * 1000 + i})" for i, t in enumerate(texts)], args.cols).save(out)
+    write_samples(pipe, out, args.n, args.seed, args.steps, args.cols)
     print(f"wrote {out}")
 
 

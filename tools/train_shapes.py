@@ -105,13 +105,13 @@ class Plan:
     clip_steps: int = 1000  # text encoder, contrastive
     clip_batch: int = 128
     clip_lr: float = 1e-3
-    steps: int = 3000  # UNet
+    steps: int = 6000  # UNet
     batch: int = 32
     lr: float = 8e-4
     warmup: int = 200
     cfg_dropout: float = 0.1  # share of captions replaced by "" (the unconditional prompt)
     min_snr_gamma: float = 5.0
-    high_noise_cap: float = 5.0  # see loss_weights
+    high_noise_cap: float = 20.0  # see loss_weights
     ema_decay: float = 0.999
     eval_every: int = 250  # steps between the small in-training evaluations (0: never)
 
@@ -169,6 +169,7 @@ class State:
         self.scaling_factor: float | None = None
         self.seconds = {"vae": 0.0, "clip": 0.0, "unet": 0.0}  # training wall time, summed over sessions
         self.evals: list[dict] = []  # in-training evaluations
+        self.history: list[str] = []  # plan changes made when resuming, for the model card
         self.hardware = hardware_name()
 
     MODULES = ("vae", "text_encoder", "clip", "unet", "vae_opt", "clip_opt", "opt", "ema_unet")
@@ -179,7 +180,7 @@ class State:
         blob["meta"] = json.dumps({"vae_step": self.vae_step, "clip_step": self.clip_step, "step": self.step,
                                    "seconds": self.seconds,
                                    "scaling_factor": self.scaling_factor, "evals": self.evals,
-                                   "hardware": self.hardware,
+                                   "hardware": self.hardware, "history": self.history,
                                    "plan": dataclasses.asdict(self.plan)})
         tmp = path.with_suffix(".tmp")
         torch.save(blob, tmp)
@@ -193,9 +194,15 @@ class State:
         self.vae_step, self.clip_step, self.step = meta["vae_step"], meta["clip_step"], meta["step"]
         self.seconds = meta["seconds"]
         self.scaling_factor, self.evals = meta["scaling_factor"], meta["evals"]
-        self.hardware = meta["hardware"]
+        self.hardware, self.history = meta["hardware"], meta.get("history", [])
         if meta["plan"]["seed"] != self.plan.seed:
             raise SystemExit(f"{path} was trained with seed {meta['plan']['seed']}, not {self.plan.seed}")
+        where = f"vae step {self.vae_step}, clip step {self.clip_step}, unet step {self.step}"
+        for key, old in meta["plan"].items():
+            new = getattr(self.plan, key, None)
+            if new != old and key != "eval_every":
+                self.history.append(f"{key} changed from {old} to {new} at {where}")
+                print(f"note: {self.history[-1]}", file=sys.stderr)
 
     def pipeline(self, tokenizer: CLIPTokenizer) -> Pipeline:
         """A minisd Pipeline of the EMA weights, as they would be exported."""
@@ -547,13 +554,17 @@ def export(state: State, out: Path, card_eval: int = 100) -> None:
     _json(tokenizer / "special_tokens_map.json", special)
     _json(tokenizer / "tokenizer_config.json", {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
                                                 "do_lower_case": True, "errors": "replace", **special})
-    (out / "README.md").write_text(model_card(state, out, card_eval))
+    import shapes_grid
 
-
-def model_card(state: State, out: Path, n_eval: int) -> str:
-    """README.md of the exported folder: what the model is and is not, measured, not claimed."""
-    plan = state.plan
     pipe = Pipeline.from_pretrained(out, safety_checker=None)
+    shapes_grid.write_samples(pipe, out / "samples.png")
+    (out / "README.md").write_text(model_card(state, out, card_eval, pipe))
+
+
+def model_card(state: State, out: Path, n_eval: int, pipe: Pipeline) -> str:
+    """README.md of the exported folder (loaded as `pipe`): what the model is and is not,
+    measured, not claimed."""
+    plan = state.plan
     accuracy, _ = eval_shapes.evaluate_model(pipe, n=n_eval, steps=25, seed=1234)
     start = time.perf_counter()
     pipe("a red circle on a blue background", num_inference_steps=25, generator=torch.Generator().manual_seed(0))
@@ -638,7 +649,9 @@ gives the same images (tests/test_shapes.py checks it).
   weighted over timesteps by min(SNR, {plan.min_snr_gamma:g})/SNR x min(1 + 1/SNR, {plan.high_noise_cap:g}) (see `loss_weights`),
   caption dropped to "" for {plan.cfg_dropout:.0%} of samples (classifier-free guidance), EMA of the
   weights (decay {plan.ema_decay}) exported; {hours(state.seconds['unet'])}.
-* Hardware: {state.hardware}, shared with other jobs. Seed {plan.seed}.
+* In all {hours(sum(state.seconds.values()))} of training (wall time of the training steps, not counting
+  the small evaluations) on {state.hardware}, shared with other jobs. Seed {plan.seed}.
+* Changes made while resuming: {"; ".join(state.history) or "none"}.
 * Reproduce (resumable; checkpoints in .cache/train_shapes/): `python tools/train_shapes.py`
 
 Accuracy during training (20 prompts, 10 steps, EMA weights):
