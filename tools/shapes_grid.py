@@ -26,8 +26,9 @@ def grid(images: list[np.ndarray], captions: list[str], cols: int = 4, scale: in
     """Images (uint8 [H, W, 3]) upscaled `scale` times, each above its wrapped caption."""
     font = ImageFont.load_default()
     h, w = images[0].shape[:2]
-    cell_w, text_h, pad = w * scale, 40, 6
-    lines = [textwrap.wrap(c, width=max(cell_w // 6, 8))[:3] for c in captions]
+    max_lines = 4  # the longest prompts and their seed
+    cell_w, text_h, pad = w * scale, 12 * max_lines + 4, 6
+    lines = [textwrap.wrap(c, width=max(cell_w // 6, 8))[:max_lines] for c in captions]
     rows = (len(images) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (h * scale + text_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
