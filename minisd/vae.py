@@ -17,7 +17,7 @@ from torch import nn
 
 from .checkpoint import load_component
 from .config import VAEConfig
-from .unet import ResnetBlock2D, Upsample2D
+from .unet import ResnetBlock2D, Upsample2D, to_feature_map
 
 EPS = 1e-6  # every norm in the VAE uses 1e-6
 
@@ -35,11 +35,10 @@ class VAEAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # key `to_out.0`, as in the UNet
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
         tokens = rearrange(self.group_norm(x), "b c h w -> b 1 (h w) c")
         out = F.scaled_dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
         out = self.to_out[0](out)
-        return rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w).add_(x)
+        return to_feature_map(out.squeeze(1), like=x).add_(x)
 
 
 class MidBlock(nn.Module):
