@@ -17,8 +17,9 @@ MODEL = ROOT / "weights" / "minisd-shapes"
 IMAGE_TOL = 2e-3  # max |minisd - diffusers| over 'np' images in [0, 1], as in test_pipeline.py
 MAX_FOLDER_MB = 25
 # The shipped model must reach background/colour 90%, shape/position 80% on 100 prompts at 25
-# steps (tools/eval_shapes.py). This smaller run (12 prompts, 15 steps) has a lower bar.
-SMALL_EVAL_BAR = {"background": 0.75, "colour": 0.75, "shape": 0.6, "position": 0.6}
+# steps (tools/eval_shapes.py; its model card gives what it reached). This smaller run (12
+# prompts, other seeds) has a lower bar: one miss in 12 is 92%.
+SMALL_EVAL_BAR = {"background": 0.8, "colour": 0.8, "shape": 0.7, "position": 0.7}
 
 needs_model = pytest.mark.skipif(not (MODEL / "model_index.json").is_file(),
                                  reason="weights/minisd-shapes not trained yet (tools/train_shapes.py)")
@@ -81,10 +82,8 @@ def test_tokenizer_folder_matches_transformers():
 
 
 @needs_model
-@pytest.mark.xfail(reason="weights/minisd-shapes is an interim checkpoint (UNet step 1,130 of 3,000, "
-                          "see its model card): below this bar until training completes", strict=False)
 def test_shipped_model_draws_what_it_is_told():
-    accuracy, rows = eval_shapes.evaluate_model(MODEL, n=12, steps=15, seed=777)
+    accuracy, rows = eval_shapes.evaluate_model(MODEL, n=12, steps=25, seed=777)
     wrong = [(text, verdict) for text, truth, verdict in rows
              if any(verdict[k] != truth[k] for k in eval_shapes.JUDGED)]
     for key, bar in SMALL_EVAL_BAR.items():

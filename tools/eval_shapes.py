@@ -36,7 +36,7 @@ import shapes  # noqa: E402
 
 NAMES = list(shapes.COLOURS)
 PALETTE = np.array([shapes.COLOURS[n] for n in NAMES], dtype=np.float32)
-JUDGED = ("background", "colour", "shape", "position")  # the four the issue asks for; size is extra
+JUDGED = ("background", "colour", "shape", "position")  # what the model is judged on; size is extra
 MIN_AREA = 12  # pixels (at 64x64): a smaller mask is noise, not a shape
 CENTRE_RADIUS = 0.115  # of the image side; the positions lie 0.23 from the centre
 LARGE_SIDE = 26 / 64  # of the image side; small shapes are 16..20 px, large 32..36
