@@ -60,7 +60,8 @@ def build_parser() -> ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="auto",
                      help="auto: float16 on CUDA, bfloat16 on CPUs with native bf16 (AVX512-BF16, AMX), else float32")
     gen.add_argument("--compile", action="store_true",
-                     help="torch.compile the UNet and VAE (slow first image; pays off over several)")
+                     help="torch.compile the UNet and VAE decoder: minutes of compiling on the first image; "
+                          "pays off on a GPU, not on the CPU")
     gen.add_argument("--no-safety-checker", action="store_true", help="do not filter images (logged)")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")

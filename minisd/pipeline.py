@@ -97,6 +97,9 @@ class Pipeline:
         images of that size reuse it. Static shapes, so steps and prompts of one size never
         recompile. `mode=None` picks by device: "reduce-overhead" (CUDA graphs) on CUDA,
         inductor's default on the CPU."""
+        if self.device.type == "cpu":
+            log.warning("torch.compile on the CPU: about 90 s of compiling, and for small-sd it measured "
+                        "no faster than eager in bf16 and slower in fp32 (README, Speed)")
         if mode is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
         self.unet.compile(mode=mode, fullgraph=True, dynamic=False)
