@@ -361,4 +361,5 @@ class UNet2DConditionModel(nn.Module):
 def load_unet(pipeline_folder: str | Path, device="cpu", dtype=torch.float32,
               variant: str | None = None, channels_last: bool = False) -> UNet2DConditionModel:
     """`channels_last=True` stores the convolution kernels NHWC, the layout fast convolutions want."""
-    return load_component(pipeline_folder, "unet", UNet2DConditionModel, UNetConfig, device, dtype, variant, channels_last)
+    return load_component(pipeline_folder, "unet", UNet2DConditionModel, UNetConfig, device, dtype, variant,
+                          channels_last)
