@@ -8,16 +8,12 @@
 Building needs diffusers + transformers (test dependencies); minisd itself never imports them.
 """
 import json
-import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import make_tiny_checkpoint  # noqa: E402  (needs tools/ on sys.path)
-import torch  # noqa: E402
+import make_tiny_checkpoint  # tools/ is on sys.path: setup.cfg's [tool:pytest] pythonpath
 
 # The fixtures' models are tiny: a second thread costs more in synchronisation than it saves,
 # and on a busy machine a thread that waits for a preempted partner slows every op badly.

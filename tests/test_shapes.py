@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import eval_shapes  # tools/ is on sys.path (conftest.py)
+import eval_shapes  # tools/ is on sys.path (setup.cfg's [tool:pytest] pythonpath)
 import shapes
 from minisd import cli
 from minisd.pipeline import Pipeline
@@ -29,7 +29,7 @@ def test_data_set_draws_what_the_caption_says():
     images, captions, scenes = shapes.batch(np.random.default_rng(123), 150)
     truths = [scene.attributes() for scene in scenes]
     for text, truth in zip(captions, truths):
-        stated = eval_shapes.parse_caption(text)
+        stated = shapes.parse_caption(text)
         assert {k: stated[k] for k in eval_shapes.JUDGED} == {k: truth[k] for k in eval_shapes.JUDGED}, text
         assert stated["size"] in (None, truth["size"]), text
     accuracy, _ = eval_shapes.score(images, truths)

@@ -22,17 +22,16 @@ How an image is judged (`judge`), for a 64x64 picture of one flat shape on a fla
 from __future__ import annotations
 
 import argparse
-import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import shapes  # noqa: E402
+import shapes
+from minisd.pipeline import Pipeline
 
 NAMES = list(shapes.COLOURS)
 PALETTE = np.array([shapes.COLOURS[n] for n in NAMES], dtype=np.float32)
@@ -121,31 +120,6 @@ def judge(image: np.ndarray) -> dict[str, str | None]:
     return verdict
 
 
-def parse_caption(text: str) -> dict[str, str | None]:
-    """The facts a caption of shapes.py's grammar states (size None when it names none).
-
-    >>> parse_caption("blue background, large yellow triangle at the top")
-    {'background': 'blue', 'colour': 'yellow', 'shape': 'triangle', 'position': 'top', 'size': 'large'}
-    """
-    words = re.findall(r"[a-z]+", text.lower())
-    facts: dict[str, str | None] = {"background": None, "colour": None, "shape": None,
-                                    "position": "centre", "size": None}
-    for i, word in enumerate(words):
-        before = words[i - 1] if i else ""
-        if word == "background" and before in shapes.COLOURS:
-            facts["background"] = before
-        elif word in shapes.SHAPES:
-            facts["shape"] = word
-            if before in shapes.COLOURS:
-                facts["colour"] = before
-        elif word in ("left", "right", "top", "bottom"):
-            facts["position"] = word
-        for size, synonyms in shapes.SIZE_WORDS.items():
-            if word in synonyms:
-                facts["size"] = size
-    return facts
-
-
 def score(images, truths: list[dict]) -> tuple[dict[str, float], list[dict]]:
     """Accuracy per attribute over images and their true attributes (a fact that is None
     in the truth, like an unstated size, is not judged), and the verdicts."""
@@ -157,22 +131,8 @@ def score(images, truths: list[dict]) -> tuple[dict[str, float], list[dict]]:
     return accuracy, verdicts
 
 
-def prompts(n: int, seed: int) -> list[tuple[str, dict]]:
-    """n captions drawn from the grammar with their true attributes, size only where stated."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        text, scene = shapes.sample(rng)
-        truth = scene.attributes()
-        truth["size"] = parse_caption(text)["size"]
-        out.append((text, truth))
-    return out
-
-
 def generate(pipe, texts: list[str], seeds: list[int], steps: int, guidance: float, batch: int = 10) -> np.ndarray:
     """One image per prompt, image i from its own CPU generator seeded seeds[i]: uint8 [n, H, W, 3]."""
-    import torch
-
     images = []
     for i in range(0, len(texts), batch):
         gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
@@ -186,10 +146,8 @@ def evaluate_model(model, n: int = 100, steps: int = 25, seed: int = 1234, guida
                    save_dir: Path | None = None) -> tuple[dict[str, float], list[tuple[str, dict, dict]]]:
     """Generate n grammar prompts with `model` (a folder or a minisd Pipeline) and score them.
     Prompts come from `seed`, the noise of image i from seed 10**6 + seed * 1000 + i."""
-    from minisd.pipeline import Pipeline
-
     pipe = model if isinstance(model, Pipeline) else Pipeline.from_pretrained(model, safety_checker=None)
-    cases = prompts(n, seed)
+    cases = shapes.prompts(n, seed)
     texts = [t for t, _ in cases]
     images = generate(pipe, texts, [10**6 + seed * 1000 + i for i in range(n)], steps, guidance)
     accuracy, verdicts = score(images, [t for _, t in cases])
@@ -211,7 +169,7 @@ def read_images(folder: Path) -> tuple[list[np.ndarray], list[dict], list[str]]:
                 continue
             images.append(np.asarray(im.convert("RGB")))
         texts.append(text)
-        truths.append(parse_caption(text))
+        truths.append(shapes.parse_caption(text))
     return images, truths, texts
 
 
@@ -242,8 +200,6 @@ def main(argv=None) -> None:
         accuracy, verdicts = score(images, truths)
         rows = list(zip(texts, truths, verdicts))
     else:
-        import torch
-
         torch.set_num_threads(args.threads)
         start = time.perf_counter()
         accuracy, rows = evaluate_model(args.model, args.n, args.steps, args.seed, args.guidance, args.save)

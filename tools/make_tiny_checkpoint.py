@@ -20,7 +20,7 @@ zero-initialises some output layers, which would make parity tests pass for the 
     python tools/make_tiny_checkpoint.py /tmp/tiny --format both --seed 0
     python tools/make_tiny_checkpoint.py --check          # print activation scales, write nothing
 
-From tests (tests/conftest.py puts tools/ on sys.path):
+From tests (setup.cfg's [tool:pytest] puts tools/ on sys.path):
 
     import make_tiny_checkpoint as mtc
     path = mtc.make_pipeline(tmp / "sd", fmt="legacy", seed=1, unet={"layers_per_block": 2})

@@ -29,9 +29,7 @@ from pathlib import Path
 
 import torch
 
-TOOLS = Path(__file__).resolve().parent
-sys.path[:0] = [str(TOOLS), str(TOOLS.parent)]  # make_tiny_checkpoint, and this checkout's minisd
-import make_tiny_checkpoint as mtc  # noqa: E402
+import make_tiny_checkpoint as mtc
 
 REL_TOL = 1e-4  # max|minisd - ref| / max|ref|, fp32 CPU
 UNET_PARAMS = 579_384_964  # the published small-sd UNet

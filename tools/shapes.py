@@ -13,17 +13,21 @@ out (then either size is drawn), and a caption without a position means the cent
     >>> captions[0]                                            # doctest: +SKIP
     'blue background, large yellow triangle at the top'
 
-tools/train_shapes.py trains minisd-shapes on it; tools/eval_shapes.py judges images
-against the scenes; `python tools/shapes.py out.png` writes a sheet of samples.
+Reading a caption back (`parse_caption`), drawing prompts with their truths (`prompts`) and
+laying images out with their captions (`grid`) live here too, beside the grammar they
+follow. tools/train_shapes.py trains minisd-shapes on this world; tools/eval_shapes.py
+judges images against it; `python tools/shapes.py out.png` writes a sheet of samples.
 """
 from __future__ import annotations
 
 import argparse
+import re
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 SIZE = 64  # image side in pixels
 COLOURS = {  # well apart in RGB, so a pixel's nearest named colour is a fair judge
@@ -156,6 +160,62 @@ def batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str], list
     return images, [c for c, _ in pairs], [s for _, s in pairs]
 
 
+def parse_caption(text: str) -> dict[str, str | None]:
+    """The facts a caption of the grammar states (size None when it names none).
+
+    >>> parse_caption("blue background, large yellow triangle at the top")
+    {'background': 'blue', 'colour': 'yellow', 'shape': 'triangle', 'position': 'top', 'size': 'large'}
+    """
+    words = re.findall(r"[a-z]+", text.lower())
+    facts: dict[str, str | None] = {"background": None, "colour": None, "shape": None,
+                                    "position": "centre", "size": None}
+    for i, word in enumerate(words):
+        before = words[i - 1] if i else ""
+        if word == "background" and before in COLOURS:
+            facts["background"] = before
+        elif word in SHAPES:
+            facts["shape"] = word
+            if before in COLOURS:
+                facts["colour"] = before
+        elif word in ("left", "right", "top", "bottom"):
+            facts["position"] = word
+        for size, synonyms in SIZE_WORDS.items():
+            if word in synonyms:
+                facts["size"] = size
+    return facts
+
+
+def prompts(n: int, seed: int) -> list[tuple[str, dict]]:
+    """n captions drawn from the grammar with their true attributes, size only where stated."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        text, scene = sample(rng)
+        truth = scene.attributes()
+        truth["size"] = parse_caption(text)["size"]
+        out.append((text, truth))
+    return out
+
+
+def grid(images: list[np.ndarray], captions: list[str], cols: int = 4, scale: int = 2) -> Image.Image:
+    """Images (uint8 [H, W, 3]) upscaled `scale` times, each above its wrapped caption."""
+    font = ImageFont.load_default()
+    h, w = images[0].shape[:2]
+    max_lines = 4  # the longest prompts and their seed
+    cell_w, text_h, pad = w * scale, 12 * max_lines + 4, 6
+    lines = [textwrap.wrap(c, width=max(cell_w // 6, 8))[:max_lines] for c in captions]
+    rows = (len(images) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (h * scale + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, text) in enumerate(zip(images, lines)):
+        x = pad + (i % cols) * (cell_w + pad)
+        y = pad + (i // cols) * (h * scale + text_h + pad)
+        sheet.paste(Image.fromarray(image).resize((cell_w, h * scale), Image.NEAREST), (x, y))
+        for j, line in enumerate(text):
+            draw.text((x, y + h * scale + 2 + 12 * j), line, fill="black", font=font)
+    return sheet
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Write a sheet of data set samples with their captions.")
     p.add_argument("output", type=Path, help="PNG to write")
@@ -163,9 +223,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     images, captions, _ = batch(np.random.default_rng(args.seed), args.n)
-    import shapes_grid  # tools/ is on sys.path when run as a script
-
-    shapes_grid.grid(list(images), captions).save(args.output)
+    grid(list(images), captions).save(args.output)
     for c in captions:
         print(c)
 

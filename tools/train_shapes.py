@@ -51,20 +51,18 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+import eval_shapes
+import shapes
+import shapes_grid
+from minisd.clip import CLIPTextModel
+from minisd.config import CLIPTextConfig, SchedulerConfig, UNetConfig, VAEConfig
+from minisd.dpm_solver import DPMSolverMultistep
+from minisd.pipeline import Pipeline
+from minisd.tokenizer import CLIPTokenizer
+from minisd.unet import UNet2DConditionModel
+from minisd.vae import AutoencoderKL
 
-import eval_shapes  # noqa: E402
-import shapes  # noqa: E402
-from minisd import __version__  # noqa: E402
-from minisd.clip import CLIPTextModel  # noqa: E402
-from minisd.config import CLIPTextConfig, SchedulerConfig, UNetConfig, VAEConfig  # noqa: E402
-from minisd.dpm_solver import DPMSolverMultistep  # noqa: E402
-from minisd.pipeline import Pipeline  # noqa: E402
-from minisd.tokenizer import CLIPTokenizer  # noqa: E402
-from minisd.unet import UNet2DConditionModel  # noqa: E402
-from minisd.vae import AutoencoderKL  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CLIP_VOCAB_DIR = ROOT / "weights" / "clip"
 OUT_DIR = ROOT / "weights" / "minisd-shapes"
@@ -347,7 +345,7 @@ def clip_loss(state: State, tokenizer: CLIPTokenizer, step: int) -> tuple[torch.
     logits = state.clip.logit_scale.clamp(max=math.log(100)).exp() * text @ image.T
     # Captions can be true of several images in a batch (same facts, other jitter); those
     # count as right too, so the targets are spread over all of them.
-    facts = [tuple(sorted(eval_shapes.parse_caption(c).items())) for c in captions]
+    facts = [tuple(sorted(shapes.parse_caption(c).items())) for c in captions]
     same = torch.tensor([[a == b or _compatible(a, b) for b in facts] for a in facts], dtype=torch.float32)
     targets = same / same.sum(dim=1, keepdim=True)
     loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2  # same is symmetric
@@ -554,8 +552,6 @@ def export(state: State, out: Path, card_eval: int = 100) -> None:
     _json(tokenizer / "special_tokens_map.json", special)
     _json(tokenizer / "tokenizer_config.json", {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
                                                 "do_lower_case": True, "errors": "replace", **special})
-    import shapes_grid
-
     pipe = Pipeline.from_pretrained(out, safety_checker=None)
     shapes_grid.write_samples(pipe, out / "samples.png")
     (out / "README.md").write_text(model_card(state, out, card_eval, pipe))
