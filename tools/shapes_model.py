@@ -1,0 +1,177 @@
+"""minisd-shapes, what tools/train_shapes.py trains: its architecture, the training plan, and
+the training state that a checkpoint holds.
+
+The architecture is SD v1's, shrunk to tools/shapes.py's 64x64 world: an AutoencoderKL with
+3 blocks (64x64 images <-> 4x16x16 latents), a 3-layer CLIP text transformer 64 wide on the
+real 49,408-token CLIP vocabulary (weights/clip), and a layers_per_block=1 UNet (small-sd's
+layout) on SD v1's scaled-linear noise schedule. `Plan` is how long and how hard each phase
+trains (tools/train_phases.py); `State` is everything a resumed run needs, in one file.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import shapes
+from minisd.clip import CLIPTextModel
+from minisd.config import CLIPTextConfig, SchedulerConfig, UNetConfig, VAEConfig
+from minisd.dpm_solver import DPMSolverMultistep
+from minisd.pipeline import Pipeline
+from minisd.tokenizer import CLIPTokenizer
+from minisd.unet import UNet2DConditionModel
+from minisd.vae import AutoencoderKL
+
+CLIP_VOCAB_DIR = Path(__file__).resolve().parents[1] / "weights" / "clip"
+
+VAE = VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
+                norm_num_groups=8, sample_size=shapes.SIZE)
+TEXT = CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                      num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu")
+UNET = UNetConfig(
+    sample_size=shapes.SIZE // VAE.downscale_factor,  # 16: the default image is 64x64
+    block_out_channels=(64, 128, 128),
+    layers_per_block=1,
+    # Attention only at 8x8 and 4x4 (and the mid block): at 16x16 it would cost more than
+    # it gives on a one-thread CPU budget. small-sd puts it on the three larger levels.
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=4,  # diffusers' name for the number of heads
+    cross_attention_dim=TEXT.hidden_size,
+    norm_num_groups=32,
+)
+# SD v1's noise schedule and sampler (small-sd's scheduler_config.json, in today's keys).
+SCHEDULER = SchedulerConfig(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                            prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,
+                            timestep_spacing="linspace", steps_offset=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How long and how hard to train; the defaults are the shipped model's."""
+    seed: int = 0
+    vae_steps: int = 2000
+    vae_batch: int = 8
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-6  # on the mean KL per latent element, against the mean pixel loss
+    clip_steps: int = 1000  # text encoder, contrastive
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    steps: int = 6000  # UNet
+    batch: int = 32
+    lr: float = 8e-4
+    warmup: int = 200
+    cfg_dropout: float = 0.1  # share of captions replaced by "" (the unconditional prompt)
+    min_snr_gamma: float = 5.0
+    high_noise_cap: float = 20.0  # see loss_weights
+    ema_decay: float = 0.999
+    eval_every: int = 250  # steps between the small in-training evaluations (0: never)
+
+
+class CLIPHeads(nn.Module):
+    """What CLIP trains beside its text tower and then throws away (phase 2; never exported):
+    an image tower (here a small CNN on the VAE's latents; flattened, not pooled, so it sees
+    where things are), the two projections into the shared space and the temperature."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.image_tower = nn.Sequential(
+            nn.Conv2d(VAE.latent_channels, 64, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(),   # 8x8
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.SiLU(),   # 4x4
+            nn.Flatten(), nn.Linear(64 * 16, 256), nn.SiLU(), nn.Linear(256, dim))
+        self.text_projection = nn.Linear(dim, dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+
+
+class State:
+    """Models, optimisers, EMA copies and counters; saved and restored as one file."""
+
+    def __init__(self, plan: Plan):
+        torch.manual_seed(plan.seed)  # initial weights
+        self.plan = plan
+        self.vae = AutoencoderKL(VAE)
+        with torch.no_grad():  # start with a narrow posterior (std e^-2): a decoder fed mostly
+            self.vae.quant_conv.bias[VAE.latent_channels:] = -4.0  # noise learns slowly
+        self.text_encoder = CLIPTextModel(TEXT)
+        with torch.no_grad():
+            # CLIP's initialisation (transformers' CLIPTextEmbeddings: N(0, 0.02)). It matters:
+            # with N(0, 1) embeddings the ~60 padding positions, which the UNet attends to as
+            # much as the words, barely differ between prompts (their own embedding swamps
+            # what attention mixes in), and the UNet learns to ignore the text.
+            for table in (self.text_encoder.embeddings.token_embedding, self.text_encoder.embeddings.position_embedding):
+                table.weight.normal_(0.0, 0.02)
+        self.clip = CLIPHeads(TEXT.hidden_size)
+        self.unet = UNet2DConditionModel(UNET)
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=plan.vae_lr, weight_decay=0.0)
+        self.clip_opt = torch.optim.AdamW(list(self.text_encoder.parameters()) + list(self.clip.parameters()),
+                                          lr=plan.clip_lr, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=plan.lr, weight_decay=0.0)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.vae_step = 0
+        self.clip_step = 0
+        self.step = 0
+        self.scaling_factor: float | None = None
+        self.seconds = {"vae": 0.0, "clip": 0.0, "unet": 0.0}  # training wall time, summed over sessions
+        self.evals: list[dict] = []  # in-training evaluations
+        self.history: list[str] = []  # plan changes made when resuming, for the model card
+        self.hardware = hardware_name()
+
+    MODULES = ("vae", "text_encoder", "clip", "unet", "vae_opt", "clip_opt", "opt", "ema_unet")
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = {name: getattr(self, name).state_dict() for name in self.MODULES}
+        blob["meta"] = json.dumps({"vae_step": self.vae_step, "clip_step": self.clip_step, "step": self.step,
+                                   "seconds": self.seconds,
+                                   "scaling_factor": self.scaling_factor, "evals": self.evals,
+                                   "hardware": self.hardware, "history": self.history,
+                                   "plan": dataclasses.asdict(self.plan)})
+        tmp = path.with_suffix(".tmp")
+        torch.save(blob, tmp)
+        tmp.replace(path)  # never a half-written checkpoint
+
+    def load(self, path: Path) -> None:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        for name in self.MODULES:
+            getattr(self, name).load_state_dict(blob[name])
+        meta = json.loads(blob["meta"])
+        self.vae_step, self.clip_step, self.step = meta["vae_step"], meta["clip_step"], meta["step"]
+        self.seconds = meta["seconds"]
+        self.scaling_factor, self.evals = meta["scaling_factor"], meta["evals"]
+        self.hardware, self.history = meta["hardware"], meta.get("history", [])
+        if meta["plan"]["seed"] != self.plan.seed:
+            raise SystemExit(f"{path} was trained with seed {meta['plan']['seed']}, not {self.plan.seed}")
+        where = f"vae step {self.vae_step}, clip step {self.clip_step}, unet step {self.step}"
+        for key, old in meta["plan"].items():
+            new = getattr(self.plan, key, None)
+            if new != old and key != "eval_every":
+                self.history.append(f"{key} changed from {old} to {new} at {where}")
+                print(f"note: {self.history[-1]}", file=sys.stderr)
+
+    def pipeline(self, tokenizer: CLIPTokenizer) -> Pipeline:
+        """A minisd Pipeline of the EMA weights, as they would be exported."""
+        vae = copy.deepcopy(self.vae).eval()
+        vae.scaling_factor = self.scaling_factor
+        return Pipeline(tokenizer, self.text_encoder.eval(), self.ema_unet.eval(), vae,
+                        DPMSolverMultistep(SCHEDULER), safety_checker=None, name="minisd-shapes")
+
+
+def hardware_name() -> str:
+    """The training machine, as the model card names it."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, 1 thread (torch {torch.__version__})"
