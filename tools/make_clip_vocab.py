@@ -8,9 +8,11 @@ https://github.com/openai/CLIP/blob/main/clip/simple_tokenizer.py and writes the
 the Hugging Face layout (`vocab.json`, `merges.txt` with a `#version` header).
 
     pip download --no-deps open_clip_torch==3.3.0 -d /tmp/oc
-    python tools/make_clip_vocab.py /tmp/oc/open_clip_torch-3.3.0-py3-none-any.whl weights/clip
+    python tools/make_clip_vocab.py /tmp/oc/open_clip_torch-3.3.0-py3-none-any.whl /tmp/clip
+    python tools/make_clip_vocab.py /tmp/oc/open_clip_torch-3.3.0-py3-none-any.whl weights/clip --overwrite
+                                                         # to rebuild the shipped files
 
-The ids are checked against transformers' CLIPTokenizer in tests/test_tokenizer.py.
+Existing files are replaced only with `--overwrite`. The ids are checked against transformers' CLIPTokenizer in tests/test_tokenizer.py.
 """
 import argparse
 import gzip
@@ -59,7 +61,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path, help="open_clip_torch wheel, or bpe_simple_vocab_16e6.txt.gz")
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--overwrite", action="store_true", help="replace vocab.json and merges.txt if they exist")
     args = parser.parse_args()
+    existing = [path for path in (args.out_dir / "vocab.json", args.out_dir / "merges.txt") if path.exists()]
+    if existing and not args.overwrite:
+        parser.error(f"{args.out_dir} already holds {' and '.join(p.name for p in existing)}; "
+                     "choose another out_dir, or pass --overwrite")
     vocab, merges = build_vocab(read_bpe_lines(args.source))
     assert len(vocab) == 49408, len(vocab)
     args.out_dir.mkdir(parents=True, exist_ok=True)
