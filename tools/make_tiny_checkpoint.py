@@ -12,7 +12,7 @@ with identical weights for the same seed:
            int64 `position_ids` buffer in the text encoder, `vision_model.vision_model.` in the
            safety checker, the exact old `scheduler_config.json` (with `predict_epsilon`),
            `vocab.json` + `merges.txt` tokenizer files and era-looking configs.
-           See /work/shared/checkpoint-facts.md for the facts this reproduces.
+           See docs/checkpoint-facts.md for the facts this reproduces.
 
 Every parameter is re-drawn from a seeded normal distribution after construction (diffusers
 zero-initialises some output layers, which would make parity tests pass for the wrong reason).
@@ -144,7 +144,7 @@ LEGACY_VAE_KEYS = (  # no scaling_factor: it did not exist yet (0.18215 was hard
 
 
 # Overrides of the tiny configs that give small-sd's full shapes
-# (/work/shared/checkpoint-facts.md, "Configs").
+# (docs/checkpoint-facts.md, "Configs").
 SMALL_SD = {
     "unet": dict(
         sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=1,
