@@ -16,7 +16,7 @@ from minisd.safety import SafetyChecker
 from minisd.unet import UNet2DConditionModel, load_unet
 from minisd.vae import AutoencoderKL, load_vae
 
-INVENTORY = Path(__file__).parent / "data" / "small-sd-tensors.tsv"  # copy of shared/small-sd-tensors.tsv
+INVENTORY = Path(__file__).parent / "data" / "small-sd-tensors.tsv"  # every tensor of small-sd: data/README.md
 MODELS = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
           "safety_checker": SafetyChecker}
 

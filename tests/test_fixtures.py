@@ -2,7 +2,7 @@
 
 current: loadable and runnable by diffusers, as today's save_pretrained writes it.
 legacy:  the file names, key forms and configs of the real small-sd folder
-         (see /work/shared/checkpoint-facts.md), holding the same tensors as current.
+         (see docs/checkpoint-facts.md), holding the same tensors as current.
 """
 import json
 import re
