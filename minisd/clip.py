@@ -67,8 +67,8 @@ class CLIPEncoderLayer(nn.Module):
         self.mlp = CLIPMLP(dim, config.intermediate_size, config.hidden_act)
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        x = self.self_attn(self.layer_norm1(x), causal).add_(x)  # residuals in place into fresh outputs
-        return self.mlp(self.layer_norm2(x)).add_(x)
+        x = x + self.self_attn(self.layer_norm1(x), causal)
+        return x + self.mlp(self.layer_norm2(x))
 
 
 class CLIPEncoder(nn.Module):

@@ -21,7 +21,6 @@ Reference: https://arxiv.org/abs/2211.01095 (DPM-Solver++), https://arxiv.org/ab
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 
 from .checkpoint import read_config
 from .config import SchedulerConfig
-from .errors import CheckpointError, InputError
+from .errors import InputError
 
 logger = logging.getLogger("minisd")
 
@@ -38,14 +37,6 @@ logger = logging.getLogger("minisd")
 # schedule and model parameterisation. Everything else is DPM-Solver++'s default.
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                   "prediction_type", "predict_epsilon", "timestep_spacing", "steps_offset", "_class_name")
-
-# DPMSolverMultistepScheduler options minisd does not implement, with the value it assumes.
-# Newer diffusers write all of them to scheduler_config.json, at these defaults for SD v1.
-_FIXED_OPTIONS = {"thresholding": False, "euler_at_final": False, "use_exponential_sigmas": False,
-                  "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
-                  "lambda_min_clipped": -math.inf, "variance_type": None,
-                  "rescale_betas_zero_snr": False, "use_dynamic_shifting": False}
-
 
 def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """VE noise level sigma = sigma_t / alpha_t -> (alpha_t, sigma_t) of the VP process."""
@@ -66,16 +57,11 @@ class DPMSolverMultistep:
     init_noise_sigma = 1.0  # VP process: x_T ~ N(0, I)
 
     def __init__(self, config: SchedulerConfig):
-        if config.algorithm_type != "dpmsolver++":
-            raise CheckpointError(f"scheduler algorithm_type={config.algorithm_type!r} is not supported "
-                                  "(minisd runs dpmsolver++, the deterministic DPM-Solver++)")
-        self.config = config
+        self.config = config  # checked by SchedulerConfig.validate
         T = config.num_train_timesteps
         # Betas: diffusers __init__ (scaled_linear is linear in sqrt(beta), LDM's schedule).
         if config.trained_betas is not None:
             betas = torch.tensor(config.trained_betas, dtype=torch.float32)
-            if len(betas) != T:
-                raise CheckpointError(f"scheduler: {len(betas)} trained_betas but num_train_timesteps={T}")
         elif config.beta_schedule == "linear":
             betas = torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
         else:
@@ -91,7 +77,7 @@ class DPMSolverMultistep:
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         n, T, c = num_inference_steps, self.config.num_train_timesteps, self.config
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= T:
-            raise InputError(f"num_inference_steps must be an integer from 1 to {T}, got {n!r}")
+            raise InputError(f"num_inference_steps: must be an integer from 1 to {T}, got {n!r}")
         n = int(n)
         # Spacings of Lin et al. 2023, table 2 (https://arxiv.org/abs/2305.08891), as diffusers'
         # set_timesteps writes them. numpy, float64, so that rounding matches exactly.
@@ -254,9 +240,4 @@ def load_scheduler(pipeline_folder: str | Path, device: str | torch.device = "cp
         logger.warning("%s: %s replaced by DPMSolverMultistepScheduler (DPM-Solver++ with default options) "
                        "on the same noise schedule", where, name)
         raw = {k: v for k, v in raw.items() if k in _SCHEDULE_KEYS}
-    else:
-        bad = {k: raw[k] for k, default in _FIXED_OPTIONS.items() if raw.get(k, default) != default}
-        if bad:
-            raise CheckpointError(f"{where}: unsupported scheduler option(s) "
-                                  + ", ".join(f"{k}={v!r} (minisd: {_FIXED_OPTIONS[k]!r})" for k, v in bad.items()))
     return DPMSolverMultistep(SchedulerConfig.from_dict(raw, where))

@@ -10,7 +10,7 @@ and preprocessing transformers' CLIP image processor (PIL backend).
 """
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +22,11 @@ from torch import nn
 
 from .checkpoint import load_component
 from .clip import CLIPVisionModel
-from .config import SafetyCheckerConfig
+from .config import SafetyCheckerConfig, read_json
 from .errors import CheckpointError, InputError
+from .folders import read_model_index
+
+log = logging.getLogger("minisd")
 
 NUM_CONCEPTS, NUM_SPECIAL_CARE = 17, 3  # fixed by the released checker
 SPECIAL_CARE_ADJUSTMENT = 0.01
@@ -45,8 +48,8 @@ class CLIPPreprocess:
         path = folder / "feature_extractor" / "preprocessor_config.json"
         if not path.is_file():
             return cls()  # SD v1 checkpoints all use CLIP's defaults
+        raw = read_json(path)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
             size, crop = raw.get("size", 224), raw.get("crop_size", 224)
             # Older configs give plain ints; newer ones dicts.
             edge = size["shortest_edge"] if isinstance(size, dict) else int(size)
@@ -134,3 +137,25 @@ def load_safety_checker(pipeline_folder: str | Path, device="cpu", dtype=torch.f
                              device, dtype, variant)
     checker.preprocess = CLIPPreprocess.from_folder(Path(pipeline_folder))
     return checker
+
+
+NOT_GIVEN = object()  # `choose_safety_checker`'s "the caller passed nothing"
+
+
+def choose_safety_checker(folder: Path, given=NOT_GIVEN, device="cpu", dtype=torch.float32,
+                          variant: str | None = None) -> SafetyChecker | None:
+    """The pipeline's checker, by the usual policy: one the caller passed wins, and None turns
+    filtering off with a warning; else the folder's own. A folder without one gets a warning,
+    or only a note when its model_index.json declares it needs none (minisd-shapes draws
+    coloured shapes)."""
+    if given is not NOT_GIVEN:
+        if given is None:
+            log.warning("The safety checker is disabled: images are returned unfiltered. Keep it on "
+                        "for any service open to the public.")
+        return given
+    if not (folder / "safety_checker").is_dir():
+        declared_safe = read_model_index(folder).get("requires_safety_checker") is False
+        (log.info if declared_safe else log.warning)(
+            "%s has no safety_checker folder: images are returned unfiltered.", folder)
+        return None
+    return load_safety_checker(folder, device=device, dtype=dtype, variant=variant)

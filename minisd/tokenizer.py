@@ -27,13 +27,13 @@ Worked example (SD v1 vocabulary, weights/clip):
     change the features of the real tokens, but they do get features of their own, which the
     UNet attends to: the pad id is part of the model and is read from the checkpoint.
 """
-import json
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from .config import read_json
 from .errors import CheckpointError, InputError
 
 MAX_LENGTH = 77  # CLIP's text encoder has 77 positions
@@ -43,18 +43,6 @@ CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 CLIP_DEFAULTS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
                  "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-
-
-def _read_json(path: Path, optional: bool = False) -> dict:
-    if optional and not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}; the file is missing or corrupt, re-download it") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} should hold a JSON object, found {type(data).__name__}; re-download it")
-    return data
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
@@ -104,7 +92,7 @@ def _special_tokens(folder: Path, config: dict, tokenizer_json: dict) -> tuple[d
         found, source = config["added_tokens_decoder"], folder / "tokenizer_config.json"
         found = [found[i] for i in sorted(found, key=int)] if isinstance(found, dict) else None
     else:  # legacy: special_tokens_map.json overrides; tokenizer.json's added_tokens keep their flags
-        stm = _read_json(folder / "special_tokens_map.json", optional=True)
+        stm = read_json(folder / "special_tokens_map.json", optional=True)
         named.update({k: stm[k] for k in SPECIAL_KEYS if stm.get(k) is not None})
         found, source = tokenizer_json.get("added_tokens", []), folder / "tokenizer.json"
         ok = isinstance(found, list) and all(isinstance(t, dict) for t in found)
@@ -129,7 +117,7 @@ def _read_bpe(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]], dict
     tokenizer.json wins when present, as in transformers."""
     path = folder / "tokenizer.json"
     if path.is_file():
-        tokenizer_json = _read_json(path)
+        tokenizer_json = read_json(path)
         model = tokenizer_json.get("model")
         if not (isinstance(model, dict) and model.get("type", "BPE") == "BPE" and isinstance(model.get("merges"), list)):
             raise CheckpointError(f"{path} does not hold a BPE model with vocab and merges; is it a CLIP tokenizer?")
@@ -143,7 +131,7 @@ def _read_bpe(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]], dict
         if missing:
             raise CheckpointError(f"tokenizer folder {folder} has no tokenizer.json and lacks {' and '.join(missing)}")
         paths, tokenizer_json = (folder / "vocab.json", folder / "merges.txt"), {}
-        vocab, merges = _read_json(paths[0]), _read_merges(paths[1])
+        vocab, merges = read_json(paths[0]), _read_merges(paths[1])
     _check_bpe(vocab, merges, *paths)
     return vocab, merges, tokenizer_json
 
@@ -176,7 +164,7 @@ class CLIPTokenizer:
             raise CheckpointError(f"tokenizer folder {folder} not found; "
                                   "it should hold vocab.json + merges.txt or tokenizer.json")
         vocab, merges, tokenizer_json = _read_bpe(folder)
-        config = _read_json(folder / "tokenizer_config.json", optional=True)
+        config = read_json(folder / "tokenizer_config.json", optional=True)
         special, added = _special_tokens(folder, config, tokenizer_json)
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
             if special[key] not in vocab:  # its id would fall past the text encoder's embedding table
@@ -186,22 +174,9 @@ class CLIPTokenizer:
         length = length if type(length) is int and 2 < length <= 10_000 else MAX_LENGTH
         return cls(vocab, merges, special, added, length)
 
-    def _encode(self, prompts) -> list[list[int]]:
+    def _encode(self, prompts: str | list[str]) -> list[list[int]]:
         """Token ids of each prompt, without bos/eos and untruncated."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise InputError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
-        if not prompts:
-            raise InputError("prompts is an empty list; pass at least one prompt (\"\" is a valid prompt)")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise InputError(f"prompts[{i}] must be a str, got {type(p).__name__}")
-            try:  # lone surrogates, e.g. from undecodable bytes in a command line
-                p.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise InputError(f"prompts[{i}] is not valid Unicode text: {e}") from None
-        return [e.ids for e in self._tokenizer.encode_batch(list(prompts), add_special_tokens=False)]
+        return [e.ids for e in self._tokenizer.encode_batch(check_prompts(prompts), add_special_tokens=False)]
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         """LongTensor [B, model_max_length]: bos, the first model_max_length - 2 tokens, eos, pads."""
@@ -220,6 +195,23 @@ class CLIPTokenizer:
         """Token ids -> text. Lossy: lower-cased, whitespace normalized, each "</w>" becomes a space."""
         text = self._tokenizer.decode(list(ids), skip_special_tokens=False)
         return text.replace("</w>", " ").strip()
+
+
+def check_prompts(prompts, name: str = "prompts") -> list[str]:
+    """A prompt or a list of them, as a list; anything else is refused naming the argument."""
+    listed = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(listed, (list, tuple)) or not listed:
+        raise InputError(f"{name}: expected a string or a non-empty list of strings, got {prompts!r:.80} "
+                         f"({type(prompts).__name__})")
+    for i, p in enumerate(listed):
+        if not isinstance(p, str):
+            raise InputError(f"{name}[{i}]: expected a string, got {type(p).__name__}")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: how Python keeps undecodable argv bytes
+            raise InputError(f"{name}[{i}]: not valid Unicode text ({e.reason}: {p[e.start:e.end]!r} at "
+                             f"position {e.start}, from a byte that is not UTF-8); pass the prompt as UTF-8") from None
+    return list(listed)
 
 
 def load_tokenizer(pipeline_folder, device="cpu", dtype=torch.float32) -> CLIPTokenizer:

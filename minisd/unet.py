@@ -58,67 +58,35 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        if self.time_emb_proj is not None:
-            h += self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        if self.time_emb_proj is not None:  # the timestep, as a per-channel shift
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))
-        # In place on our own intermediates only (never on `x`): on the CPU every fresh
-        # full-size tensor costs page faults, and these adds run dozens of times a step.
-        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
-
-
-# Cross-attention keys and values, precomputed once per generation (one (k, v) pair per
-# cross-attention layer, heads split: [B, heads, 77, head_dim]): the text does not change
-# across denoising steps, so neither do they. See `UNet2DConditionModel.precompute_cross_kv`.
-CrossKV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)  # 1x1 conv when widths differ
+        return shortcut + h
 
 
 class Attention(nn.Module):
-    """Multi-head attention; cross-attention when `context_dim` is given."""
+    """Multi-head attention (https://arxiv.org/abs/1706.03762): self-attention among the
+    feature map's pixels, or, with `context_dim`, cross-attention from the pixels to the text.
+    minisd/fast.py swaps in two faster equivalents (one fused q/k/v product; text keys and
+    values computed once per generation); they share `attend`."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
         self.heads = heads
-        self.is_cross = context_dim is not None
-        self.kv_slot = -1  # this layer's index into a CrossKV tuple, set by the UNet
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         # A list of one: diffusers keeps a dropout after it, so the key is `to_out.0`.
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-        self.qkv_weight: torch.Tensor | None = None  # set by fuse_qkv()
 
-    def fuse_qkv(self) -> None:
-        """Self-attention: one [3*dim, dim] matrix product instead of three. The q/k/v weights
-        become views into the fused tensor, so no memory is duplicated and the state dict
-        keeps its keys."""
-        if self.is_cross or self.qkv_weight is not None:
-            return
-        fused = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]).detach()
-        for i, layer in enumerate((self.to_q, self.to_k, self.to_v)):
-            n = layer.weight.shape[0]
-            layer.weight = nn.Parameter(fused[i * n:(i + 1) * n], requires_grad=False)
-        self.qkv_weight = fused
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context  # [B, N, dim] pixels, [B, 77, context_dim] text
+        return self.attend(self.to_q(x), self.to_k(context), self.to_v(context))
 
-    def _apply(self, fn, recurse=True):
-        # `.to()`, `.half()`, `.cuda()` convert each parameter on its own, which would leave a
-        # stale fused copy behind; fuse again from the converted weights.
-        super()._apply(fn, recurse)
-        if self.qkv_weight is not None:
-            self.qkv_weight = None
-            self.fuse_qkv()
-        return self
-
-    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
-        return rearrange(t, "b n (h d) -> b h n d", h=self.heads)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | CrossKV | None = None) -> torch.Tensor:
-        if self.qkv_weight is not None:
-            q, k, v = map(self.split_heads, F.linear(x, self.qkv_weight).chunk(3, dim=-1))
-        elif isinstance(context, tuple):  # precomputed cross-attention keys and values
-            q, (k, v) = self.split_heads(self.to_q(x)), context[self.kv_slot]
-        else:
-            context = x if context is None else context
-            q, k, v = map(self.split_heads, (self.to_q(x), self.to_k(context), self.to_v(context)))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim)) v in each head, heads merged, output projection."""
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out[0](rearrange(out, "b h n d -> b n (h d)"))
 
@@ -162,9 +130,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)).add_(x)  # residuals added in place into the fresh output
-        x = self.attn2(self.norm2(x), context).add_(x)
-        return self.ff(self.norm3(x)).add_(x)
+        x = x + self.attn1(self.norm1(x))  # x: [B, h*w, C] pixels as tokens
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
 
 
 def to_feature_map(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -192,7 +160,7 @@ class Transformer2DModel(nn.Module):
         tokens = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return self.proj_out(to_feature_map(tokens, like=x)).add_(x)
+        return x + self.proj_out(to_feature_map(tokens, like=x))
 
 
 class Downsample2D(nn.Module):
@@ -231,6 +199,8 @@ class DownBlock(nn.Module):
         self.downsamplers = nn.ModuleList([Downsample2D(c_out, c.downsample_padding)]) if add_downsample else None
 
     def forward(self, x, temb, context) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """[B, c_in, h, w] -> [B, c_out, h/2, w/2] (no halving in the last block), and the
+        output of every layer, saved for the up path."""
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
@@ -258,6 +228,7 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(c_out)]) if add_upsample else None
 
     def forward(self, x, skips: list[torch.Tensor], temb, context, upsample_size=None) -> torch.Tensor:
+        """[B, c_prev, h, w] and this level's skips -> [B, c_out, 2h, 2w] (no doubling in the last block)."""
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
             if self.attentions is not None:
@@ -280,8 +251,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-    """`unet(sample [B,C,h,w], timestep (scalar or [B]), context [B,T,D]) -> noise [B,C,h,w]`.
-    The context may also be given as `precompute_cross_kv(context)`, once per generation."""
+    """`unet(sample [B,C,h,w], timestep (scalar or [B]), context [B,T,D]) -> noise [B,C,h,w]`."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -315,46 +285,36 @@ class UNet2DConditionModel(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], c.out_channels, 3, padding=1)
-        for slot, attention in enumerate(self.cross_attentions()):
-            attention.kv_slot = slot
-
-    def cross_attentions(self) -> list[Attention]:
-        return [m for m in self.modules() if isinstance(m, Attention) and m.is_cross]
-
-    def precompute_cross_kv(self, encoder_hidden_states: torch.Tensor) -> CrossKV:
-        """Every cross-attention layer's keys and values for this text context. Pass the
-        result as `encoder_hidden_states` on each step instead of the context itself."""
-        return tuple((a.split_heads(a.to_k(encoder_hidden_states)), a.split_heads(a.to_v(encoder_hidden_states)))
-                     for a in self.cross_attentions())
-
-    def fuse_qkv(self) -> None:
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.fuse_qkv()
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                encoder_hidden_states: torch.Tensor | CrossKV) -> torch.Tensor:
-        c = self.config
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        c, context = self.config, encoder_hidden_states
+        # 1. time: sinusoidal features of t -> MLP -> temb [B, 4 * channels[0]]
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.expand(sample.shape[0]) if t.dim() == 0 else t
         t_emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         temb = self.time_embedding(t_emb.to(sample.dtype))
-        context = encoder_hidden_states
 
+        # 2. in: [B, 4, h, w] -> [B, channels[0], h, w]
         x = self.conv_in(sample)
+
+        # 3. down: each level halves h and w (but the last); every step is saved as a skip
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context)
             skips += block_skips
 
+        # 4. middle, at the coarsest level: resnet, attention, resnet
         x = self.mid_block(x, temb, context)
 
+        # 5. up: each resnet reads one skip, newest first; each level doubles h and w (but the last)
         for block in self.up_blocks:
             block_skips = skips[-len(block.resnets):]
             del skips[-len(block.resnets):]
             # Upsample to the next skip's size, which differs from 2x for odd sizes.
             x = block(x, block_skips, temb, context, skips[-1].shape[-2:] if skips else None)
 
+        # 6. out: [B, channels[0], h, w] -> predicted noise [B, 4, h, w]
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 

@@ -38,7 +38,7 @@ class VAEAttention(nn.Module):
         tokens = rearrange(self.group_norm(x), "b c h w -> b 1 (h w) c")
         out = F.scaled_dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
         out = self.to_out[0](out)
-        return to_feature_map(out.squeeze(1), like=x).add_(x)
+        return x + to_feature_map(out.squeeze(1), like=x)
 
 
 class MidBlock(nn.Module):

@@ -222,7 +222,7 @@ def test_stored_tensors_read_as_the_safetensors_library_does(tmp_path):
     every way of reading gives what safetensors.torch.load_file gives. A 6-byte tensor first
     puts the next ones at offsets their element size does not divide (no mapping then)."""
     import safetensors.torch
-    from minisd.checkpoint import stored_tensors
+    from minisd.safetensors_reader import stored_tensors
 
     g = torch.Generator().manual_seed(0)
     tensors = {"odd_half": torch.randn(3, generator=g).half(),

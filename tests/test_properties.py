@@ -70,7 +70,7 @@ def test_tokenizer_lone_surrogates_are_a_clear_input_error(tokenizer, text):
     a clear InputError, never a crash in the tokenizers library."""
     has_surrogate = any(0xD800 <= ord(c) <= 0xDFFF for c in text)
     if has_surrogate:
-        with pytest.raises(InputError, match=r"prompts\[0\] is not valid Unicode text"):
+        with pytest.raises(InputError, match=r"prompts\[0\]: not valid Unicode text"):
             tokenizer(text)
     else:
         check_row(tokenizer(text)[0].tolist(), text)
@@ -151,9 +151,10 @@ def test_scheduler_step_counts_the_pipeline_accepts_for_sd(n):
 
 # --- command-line parsing ---------------------------------------------------------------
 
-OPTIONS = ["generate", "-o", "--output", "--negative", "--steps", "--guidance", "--seed", "--size", "-n",
-           "--num-images", "--model", "--device", "--dtype", "--compile", "--no-safety-checker",
-           "--overwrite", "--quiet", "--debug", "--", "-", "--steps=3", "--size=64x64", "-n2", "-oout.png",
+OPTIONS = ["generate", "-o", "--output", "-n", "--negative", "--steps", "--guidance", "-s", "--seed", "--size",
+           "-W", "--width", "-H", "--height", "-b", "--num-images", "-m", "--model", "--device", "--dtype",
+           "--compile", "--no-levers", "--no-safety-checker",
+           "--overwrite", "--quiet", "--debug", "--", "-", "--steps=3", "--size=64x64", "-b2", "-ncat", "-oout.png",
            "--neg", "--ov", "--no", "--d"]
 VALUES = ["", "x", "a cat", "0", "-1", "25", "7.5", "nan", "inf", "1e3", "64x64", "512X768", "64x", "x64",
           "0x0", "-64x64", "out.png", "float16", "auto", "cpu", "cuda:1", "99999999999999999999999999"]

@@ -1,17 +1,28 @@
-"""The fast paths keep parity, each at its own tolerance: fused QKV and precomputed
-cross-attention K/V (exact math, fp32 tolerance), torch.compile (inductor's fused kernels
-reorder float sums), bfloat16 (PSNR against fp32)."""
+"""The speed levers of minisd/fast.py keep parity, each at its own tolerance: each lever alone
+and all together against the textbook path and against diffusers (exact math, fp32 tolerance),
+torch.compile (inductor's fused kernels reorder float sums), bfloat16 (PSNR against fp32)."""
+import dataclasses
+
 import diffusers
 import numpy as np
 import pytest
 import torch
 
-from minisd import load_unet, load_vae
+from minisd import SpeedLevers, load_unet, load_vae
+from minisd.fast import CachedCrossAttention, FusedSelfAttention, apply_levers, text_kv_cached
 from minisd.pipeline import Pipeline
+from minisd.unet import Attention
 
-REL_TOL = 1e-5        # fused QKV + cached K/V: max |diff| / max |ref|
+REL_TOL = 1e-5        # a lever against the plain path or diffusers: max |diff| / max |ref|
 COMPILED_TOL = 1e-4   # compiled UNet step, fp32: max |diff| / max |ref|
 BF16_MIN_PSNR = 30.0  # dB, bfloat16 image against the float32 image, same seed
+
+ATTENTION_LEVERS = {
+    "none": SpeedLevers.none(),
+    "fused_qkv": dataclasses.replace(SpeedLevers.none(), fused_qkv=True),
+    "cached_cross_kv": dataclasses.replace(SpeedLevers.none(), cached_cross_kv=True),
+    "all": SpeedLevers(),
+}
 
 
 def rel_err(ours, ref):
@@ -22,19 +33,50 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b) ** 2)))
 
 
+def attention_kinds(unet) -> set[type]:
+    return {type(m) for m in unet.modules() if isinstance(m, Attention)}
+
+
+@pytest.mark.parametrize("levers", list(ATTENTION_LEVERS))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_fused_qkv_and_cached_cross_kv_match_diffusers(tiny_current, channels_last):
+def test_each_lever_matches_the_plain_path_and_diffusers(tiny_current, levers, channels_last):
     ref = diffusers.UNet2DConditionModel.from_pretrained(tiny_current / "unet").eval()
+    plain = load_unet(tiny_current)
     unet = load_unet(tiny_current, channels_last=channels_last)
-    unet.fuse_qkv()
-    assert sorted(unet.state_dict()) == sorted(ref.state_dict())  # keys unchanged by fusion
+    apply_levers(unet, ATTENTION_LEVERS[levers])
+    assert sorted(unet.state_dict()) == sorted(ref.state_dict())  # keys unchanged by the swaps
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 77, 32, generator=g)
-    kv = unet.precompute_cross_kv(ctx)
     with torch.no_grad():
-        expected = ref(x, 500, ctx).sample
-        assert rel_err(unet(x, 500, kv), expected) <= REL_TOL
-        assert rel_err(unet(x, 500, ctx), expected) <= REL_TOL
+        expected, textbook = ref(x, 500, ctx).sample, plain(x, 500, ctx)
+        with text_kv_cached(unet, ctx):
+            fast = unet(x, 500, ctx)
+        assert rel_err(fast, textbook) <= REL_TOL
+        assert rel_err(fast, expected) <= REL_TOL
+        assert rel_err(unet(x, 500, ctx), expected) <= REL_TOL  # outside the block: plain cross-attention
+
+
+def test_levers_are_applied_by_from_pretrained_and_switch_off(tiny_current):
+    fast = Pipeline.from_pretrained(tiny_current, safety_checker=None)
+    plain = Pipeline.from_pretrained(tiny_current, safety_checker=None, levers=SpeedLevers.none())
+    assert attention_kinds(fast.unet) == {FusedSelfAttention, CachedCrossAttention}
+    assert attention_kinds(plain.unet) == {Attention}  # the textbook class, nothing swapped in
+    run = dict(prompt=["a red cube", "a blue ball"], num_inference_steps=4, output_type="np", height=64, width=48)
+    got = fast(**run, generator=torch.Generator().manual_seed(0)).images
+    want = plain(**run, generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(got - want).max() <= REL_TOL  # images in [0, 1]
+
+
+def test_cached_kv_refuses_another_context_and_is_cleared(tiny_current):
+    unet = load_unet(tiny_current)
+    apply_levers(unet, SpeedLevers())
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        with text_kv_cached(unet, ctx):
+            with pytest.raises(RuntimeError, match="another text context"):
+                unet(x, 1, ctx.clone())
+        layers = [m for m in unet.modules() if isinstance(m, CachedCrossAttention)]
+        assert layers and all(m.kv is None and m.kv_context is None for m in layers)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -58,12 +100,16 @@ def test_every_convolution_gets_input_in_its_weights_layout(tiny_current, channe
     assert not mismatched
 
 
-def test_layout_follows_device_and_dtype(tiny_current):
+def test_layout_follows_device_and_dtype_unless_asked(tiny_current):
     fp32 = Pipeline.from_pretrained(tiny_current, safety_checker=None)
     bf16 = Pipeline.from_pretrained(tiny_current, safety_checker=None, dtype=torch.bfloat16)
+    nchw = Pipeline.from_pretrained(tiny_current, safety_checker=None, dtype=torch.bfloat16,
+                                    levers=SpeedLevers(channels_last=False))
     assert fp32.unet.conv_in.weight.is_contiguous()
     for module in (bf16.unet.conv_in, bf16.vae.decoder.conv_in, fp32.vae.decoder.conv_in):
         assert module.weight.is_contiguous(memory_format=torch.channels_last)
+    for module in (nchw.unet.conv_in, nchw.vae.decoder.conv_in):
+        assert module.weight.is_contiguous()
 
 
 def test_compiled_pipeline_matches_and_never_recompiles(tiny_current):
@@ -78,9 +124,8 @@ def test_compiled_pipeline_matches_and_never_recompiles(tiny_current):
             assert np.abs(got - want).max() <= COMPILED_TOL * 10  # images in [0, 1]
     g = torch.Generator().manual_seed(2)
     x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
-    with torch.no_grad():
-        kv = eager.unet.precompute_cross_kv(ctx)
-        assert rel_err(compiled.unet(x, 10, kv), eager.unet(x, 10, kv)) <= COMPILED_TOL
+    with torch.no_grad(), text_kv_cached(compiled.unet, ctx):
+        assert rel_err(compiled.unet(x, 10, ctx), eager.unet(x, 10, ctx)) <= COMPILED_TOL
 
 
 def test_bfloat16_image_close_to_float32(tiny_current):
@@ -95,10 +140,10 @@ def test_bfloat16_image_close_to_float32(tiny_current):
 
 def test_fused_weights_follow_dtype_conversion(tiny_current):
     unet = load_unet(tiny_current)
-    unet.fuse_qkv()
+    apply_levers(unet, SpeedLevers())
     unet.to(torch.bfloat16)
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
-    assert attn.qkv_weight.dtype == torch.bfloat16
+    assert isinstance(attn, FusedSelfAttention) and attn.qkv_weight.dtype == torch.bfloat16
     assert attn.to_q.weight.data_ptr() == attn.qkv_weight.data_ptr()  # still views, no copy
     x, ctx = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), torch.randn(1, 77, 32, dtype=torch.bfloat16)
     with torch.no_grad():
