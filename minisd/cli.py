@@ -1,6 +1,6 @@
 """The `minisd` command.
 
-    minisd generate "an apple, 4k" -o apple.png --steps 25 --seed 42
+    minisd generate "an apple, 4k" -o apple.png --steps 25 -s 42 -n "blurry" -b 2
 
 Usage and input errors print one line and exit 2; other failures print one line and exit 1;
 `--debug` shows the traceback instead. No existing file is overwritten without --overwrite,
@@ -19,8 +19,9 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CheckpointError, InputError, MinisdError, ResourceError
+from .folders import cache_entry, newest_snapshot
 
-HUB_REPO = "models--OFA-Sys--small-stable-diffusion-v0"
+HUB_REPO = "OFA-Sys/small-stable-diffusion-v0"
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "minisd-shapes"
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -40,21 +41,27 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> ArgumentParser:
+    # Short options follow stable-diffusion.cpp's where it has them (-n negative prompt,
+    # -b image count, -s seed, -W/-H size, -m model).
+    common = ArgumentParser(add_help=False)  # options every command takes
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
     parser = ArgumentParser(prog="minisd", description="Stable Diffusion v1 text-to-image in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"minisd {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
-    gen = commands.add_parser("generate", help="generate images from a prompt")
+    gen = commands.add_parser("generate", parents=[common], help="generate images from a prompt")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", type=Path, default=Path("minisd.png"),
-                     help="PNG to write; with -n > 1, NAME-0.png, NAME-1.png, ... (default: minisd.png)")
-    gen.add_argument("--negative", default="", help="negative prompt")
+                     help="PNG to write; with -b > 1, NAME-0.png, NAME-1.png, ... (default: minisd.png)")
+    gen.add_argument("-n", "--negative", default="", help="negative prompt")
     gen.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    gen.add_argument("--seed", type=int, help="random seed (default: random, printed); image i uses seed+i")
+    gen.add_argument("--guidance", type=float, default=7.5,
+                     help="classifier-free guidance scale (default 7.5)")
+    gen.add_argument("-s", "--seed", type=int, help="random seed (default: random, printed); image i uses seed+i")
     gen.add_argument("--size", type=parse_size, help="WxH, multiples of 8 (default: the model's size)")
-    gen.add_argument("-n", "--num-images", type=int, default=1)
-    gen.add_argument("--model", type=Path, help="diffusers pipeline folder (default: $MINISD_MODEL, the "
+    gen.add_argument("-W", "--width", type=int, help="image width (default: the model's; or use --size)")
+    gen.add_argument("-H", "--height", type=int, help="image height (default: the model's; or use --size)")
+    gen.add_argument("-b", "--num-images", type=int, default=1, help="images to generate (default 1)")
+    gen.add_argument("-m", "--model", type=Path, help="diffusers pipeline folder (default: $MINISD_MODEL, the "
                      "Hugging Face cache, then the embedded model)")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default cpu)")
     gen.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -62,10 +69,11 @@ def build_parser() -> ArgumentParser:
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the UNet and VAE decoder: minutes of compiling on the first image; "
                           "pays off on a GPU, not on the CPU")
+    gen.add_argument("--no-levers", action="store_true",
+                     help="run the models exactly as written, without the speed levers of minisd/fast.py")
     gen.add_argument("--no-safety-checker", action="store_true", help="do not filter images (logged)")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
-    gen.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -84,12 +92,9 @@ def find_model(explicit: Path | None) -> Path:
         return explicit
     if os.environ.get("MINISD_MODEL"):
         return Path(os.environ["MINISD_MODEL"])
-    hub = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME") or os.path.join(Path.home(), ".cache", "huggingface"), "hub")
-    snapshots = sorted((Path(hub) / HUB_REPO / "snapshots").glob("*/model_index.json"),
-                       key=lambda p: p.stat().st_mtime)
-    if snapshots:
-        return snapshots[-1].parent
+    snapshot = newest_snapshot(cache_entry(HUB_REPO))
+    if snapshot is not None and (snapshot / "model_index.json").is_file():
+        return snapshot
     if (EMBEDDED_MODEL / "model_index.json").is_file():
         return EMBEDDED_MODEL
     raise CheckpointError(GET_WEIGHTS)
@@ -167,10 +172,17 @@ def generation_parameters(prompt: str, negative: str, steps: int, sampler: str, 
 def generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .fast import SpeedLevers
     from .pipeline import Pipeline
 
     if args.num_images < 1:
-        raise InputError(f"-n: must be at least 1, got {args.num_images}")
+        raise InputError(f"-b/--num-images: must be at least 1, got {args.num_images}")
+    if args.size and (args.width or args.height):
+        raise InputError("--size: give the size as --size WxH or as -W/-H, not both")
+    if args.negative.strip().isdigit():  # -n used to be the image count; a number is likely a mix-up
+        logging.getLogger("minisd").warning(
+            "the negative prompt is %r: -n is the negative prompt (as in stable-diffusion.cpp); "
+            "the number of images is -b", args.negative)
     seed = random.randrange(2**32) if args.seed is None else args.seed
     if not 0 <= seed <= MAX_SEED - args.num_images:
         raise InputError(f"--seed: must lie in [0, {MAX_SEED - args.num_images}], got {seed}")
@@ -181,8 +193,10 @@ def generate(args: argparse.Namespace) -> int:
     model = find_model(args.model)
 
     extra = {"safety_checker": None} if args.no_safety_checker else {}
-    pipe = Pipeline.from_pretrained(model, device=args.device, dtype=dtype, compile=args.compile, **extra)
-    width, height = args.size or (None, None)
+    levers = SpeedLevers.none() if args.no_levers else SpeedLevers()
+    pipe = Pipeline.from_pretrained(model, device=args.device, dtype=dtype, compile=args.compile,
+                                    levers=levers, **extra)
+    width, height = args.size or (args.width, args.height)
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(args.num_images)]
     result = pipe(args.prompt, negative_prompt=args.negative, height=height, width=width,
                   num_inference_steps=args.steps, guidance_scale=args.guidance,

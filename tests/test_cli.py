@@ -44,8 +44,36 @@ def test_generate_writes_png_with_parameters(tiny_legacy, tmp_path):
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # permissions as any new file gets
 
 
+def test_short_options_as_in_stable_diffusion_cpp(tiny_current, tmp_path, caplog):
+    """-n negative prompt, -b image count, -s seed, -W/-H size, -m model; the long forms
+    give the same images."""
+    short = ["generate", "a cat", "-o", str(tmp_path / "s.png"), "-n", "a dog", "-b", "2", "-s", "7",
+             "-W", "48", "-H", "64", "-m", str(tiny_current), "--steps", "2", "--quiet", "--dtype", "float32"]
+    long = ["generate", "a cat", "-o", str(tmp_path / "l.png"), "--negative", "a dog", "--num-images", "2",
+            "--seed", "7", "--width", "48", "--height", "64", "--model", str(tiny_current), "--steps", "2",
+            "--quiet", "--dtype", "float32"]
+    assert main(short) == 0 and main(long) == 0
+    for i in range(2):
+        s, l = Image.open(tmp_path / f"s-{i}.png"), Image.open(tmp_path / f"l-{i}.png")
+        assert s.size == (48, 64) and np.array_equal(np.asarray(s), np.asarray(l))
+        assert s.text["parameters"].startswith(f"a cat\nNegative prompt: a dog\nSteps: 2, ") and f"Seed: {7 + i}," in s.text["parameters"]
+    assert "-n is the negative prompt" not in caplog.text
+    assert main(["generate", "a cat", "-o", str(tmp_path / "n.png"), "-n", "2", "-m", str(tiny_current),
+                 "--steps", "1", "--size", "64x64", "--quiet"]) == 0  # -n 2 meant as a count, once
+    assert "the negative prompt is '2': -n is the negative prompt" in caplog.text
+    assert main(["generate", "x", "-o", str(tmp_path / "x.png"), "--size", "64x64", "-W", "64"]) == 2
+
+
+def test_no_levers_gives_the_same_image(tiny_current, tmp_path):
+    for name, extra in (("fast.png", []), ("plain.png", ["--no-levers"])):
+        assert main(["generate", "a cat", "-o", str(tmp_path / name), "-s", "3", "-m", str(tiny_current),
+                     *FAST, *extra]) == 0
+    fast, plain = (np.asarray(Image.open(tmp_path / n), dtype=np.int16) for n in ("fast.png", "plain.png"))
+    assert np.abs(fast - plain).max() <= 1  # 8-bit levels: a float sum in another order may round once
+
+
 def test_seed_reproduces_and_n_images_use_consecutive_seeds(tiny_current, tmp_path):
-    assert main(["generate", "a cat", "-o", str(tmp_path / "cats.png"), "-n", "2", "--seed", "5",
+    assert main(["generate", "a cat", "-o", str(tmp_path / "cats.png"), "-b", "2", "--seed", "5",
                  "--model", str(tiny_current), *FAST]) == 0
     assert main(["generate", "a cat", "-o", str(tmp_path / "one.png"), "--seed", "6",
                  "--model", str(tiny_current), *FAST]) == 0
@@ -80,7 +108,7 @@ def test_existing_file_is_not_overwritten(tiny_current, tmp_path):
     (["generate", "x", "--size", "64by64"], "expected WxH"),
     (["generate", "x", "--size", "60x64"], "width: must be a positive multiple of 8"),
     (["generate", "x", "--steps", "0"], "num_inference_steps"),
-    (["generate", "x", "-n", "0"], "-n: must be at least 1"),
+    (["generate", "x", "-b", "0"], "-b/--num-images: must be at least 1"),
     (["generate", "x", "--seed", "-1"], "--seed: must lie in"),
     (["generate", "x", "-o", "out.jpg"], "name a .png file"),
     (["generate", "x", "-o", "/no/such/folder/a.png"], "does not exist"),
