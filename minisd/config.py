@@ -217,15 +217,13 @@ class VAEConfig(_Config):
 
 
 @dataclass(frozen=True)
-class CLIPTextConfig(_Config):
-    """transformers `CLIPTextConfig` (SD v1 uses OpenAI's ViT-L/14 text tower). Defaults: transformers'."""
+class CLIPTransformerConfig(_Config):
+    """The pre-norm transformer both CLIP towers are made of. Defaults: transformers' text tower."""
 
-    vocab_size: int = 49408
-    hidden_size: int = 512
-    intermediate_size: int = 2048
+    hidden_size: int = 512  # token width (ViT-L/14: 768 text, 1024 vision)
+    intermediate_size: int = 2048  # MLP width, 4x the token width
     num_hidden_layers: int = 12
-    num_attention_heads: int = 8
-    max_position_embeddings: int = 77
+    num_attention_heads: int = 8  # head width = hidden_size / heads = 64 in every CLIP
     hidden_act: str = "quick_gelu"  # or "gelu"
     layer_norm_eps: float = 1e-5
 
@@ -247,21 +245,23 @@ class CLIPTextConfig(_Config):
 
 
 @dataclass(frozen=True)
-class CLIPVisionConfig(_Config):
+class CLIPTextConfig(CLIPTransformerConfig):
+    """transformers `CLIPTextConfig` (SD v1 uses OpenAI's ViT-L/14 text tower)."""
+
+    vocab_size: int = 49408  # CLIP's BPE: 256 bytes, 48,894 merges, 256 byte+</w>, 2 specials
+    max_position_embeddings: int = 77  # 75 tokens between <|startoftext|> and <|endoftext|>
+
+
+@dataclass(frozen=True)
+class CLIPVisionConfig(CLIPTransformerConfig):
     """transformers `CLIPVisionConfig` (the safety checker uses ViT-L/14). Defaults: transformers'."""
 
     hidden_size: int = 768
     intermediate_size: int = 3072
-    num_hidden_layers: int = 12
     num_attention_heads: int = 12
-    num_channels: int = 3
-    image_size: int = 224
-    patch_size: int = 32
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-
-    IGNORED = CLIPTextConfig.IGNORED
-    validate = CLIPTextConfig.validate
+    num_channels: int = 3  # RGB
+    image_size: int = 224  # the preprocessed image is image_size x image_size
+    patch_size: int = 32  # ViT-L/14: 14, so 16 x 16 patches + a class token = 257 positions
 
 
 @dataclass(frozen=True)

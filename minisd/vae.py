@@ -66,34 +66,23 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class EncoderBlock(nn.Module):
-    """`DownEncoderBlock2D`."""
+class VAEBlock(nn.Module):
+    """diffusers' `DownEncoderBlock2D` (resample="down") and `UpDecoderBlock2D` (resample="up"):
+    resnets, then a stride-2 convolution or a nearest x2 upsampling (none in the last block)."""
 
-    def __init__(self, c_in: int, c_out: int, layers: int, groups: int, add_downsample: bool):
+    def __init__(self, c_in: int, c_out: int, layers: int, groups: int, resample: str | None):
         super().__init__()
         self.resnets = nn.ModuleList(ResnetBlock2D(c_in if i == 0 else c_out, c_out, None, groups, EPS)
                                      for i in range(layers))
-        self.downsamplers = nn.ModuleList([Downsample(c_out)]) if add_downsample else None
+        self.downsamplers = nn.ModuleList([Downsample(c_out)]) if resample == "down" else None
+        self.upsamplers = nn.ModuleList([Upsample2D(c_out)]) if resample == "up" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
             x = resnet(x)
-        return x if self.downsamplers is None else self.downsamplers[0](x)
-
-
-class DecoderBlock(nn.Module):
-    """`UpDecoderBlock2D`."""
-
-    def __init__(self, c_in: int, c_out: int, layers: int, groups: int, add_upsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock2D(c_in if i == 0 else c_out, c_out, None, groups, EPS)
-                                     for i in range(layers))
-        self.upsamplers = nn.ModuleList([Upsample2D(c_out)]) if add_upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        return x if self.upsamplers is None else self.upsamplers[0](x)
+        for resample in self.downsamplers or self.upsamplers or ():
+            x = resample(x)
+        return x
 
 
 class Encoder(nn.Module):
@@ -102,7 +91,7 @@ class Encoder(nn.Module):
         ch, groups = c.block_out_channels, c.norm_num_groups
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            EncoderBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block, groups, i < len(ch) - 1)
+            VAEBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block, groups, "down" if i < len(ch) - 1 else None)
             for i in range(len(ch)))
         self.mid_block = MidBlock(ch[-1], groups, c.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=EPS)
@@ -123,7 +112,7 @@ class Decoder(nn.Module):
         self.mid_block = MidBlock(ch[0], groups, c.mid_block_add_attention)
         # One resnet more than the encoder per block, like the UNet's up path.
         self.up_blocks = nn.ModuleList(
-            DecoderBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block + 1, groups, i < len(ch) - 1)
+            VAEBlock(ch[max(i - 1, 0)], ch[i], c.layers_per_block + 1, groups, "up" if i < len(ch) - 1 else None)
             for i in range(len(ch)))
         self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=EPS)
         self.conv_out = nn.Conv2d(ch[-1], c.out_channels, 3, padding=1)
