@@ -197,6 +197,7 @@ class VAEConfig(_Config):
     mid_block_add_attention: bool = True
 
     NOT_IMPLEMENTED: ClassVar[dict[str, Any]] = {
+        "down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D",  # every block's kind
         "act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
         "use_quant_conv": True, "use_post_quant_conv": True}
     IGNORED: ClassVar[dict[str, str]] = {
@@ -206,15 +207,6 @@ class VAEConfig(_Config):
     @property
     def downscale_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: str = "config.json"):
-        for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            other = sorted(set(raw.get(key) or [block]) - {block})
-            if other:
-                raise CheckpointError(f"{where}: {key} {other} not supported by minisd (SD v1 uses {block})")
-        return super().from_dict(raw, where)
-
 
 @dataclass(frozen=True)
 class CLIPTransformerConfig(_Config):
@@ -311,7 +303,8 @@ class SchedulerConfig(_Config):
         "use_dynamic_shifting": False}
     IGNORED: ClassVar[dict[str, str]] = {
         "dynamic_thresholding_ratio": "read only with thresholding", "sample_max_value": "read only with thresholding",
-        "predict_epsilon": "diffusers < 0.10's spelling of prediction_type, translated by from_dict"}
+        "predict_epsilon": "diffusers < 0.10's spelling of prediction_type, translated by from_dict",
+        "flow_shift": "read only with use_flow_sigmas", "time_shift_type": "read only with use_dynamic_shifting"}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "scheduler_config.json"):
