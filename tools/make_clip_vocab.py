@@ -9,10 +9,10 @@ the Hugging Face layout (`vocab.json`, `merges.txt` with a `#version` header).
 
     pip download --no-deps open_clip_torch==3.3.0 -d /tmp/oc
     python tools/make_clip_vocab.py /tmp/oc/open_clip_torch-3.3.0-py3-none-any.whl /tmp/clip
-    python tools/make_clip_vocab.py /tmp/oc/open_clip_torch-3.3.0-py3-none-any.whl weights/clip --overwrite
-                                                         # to rebuild the shipped files
 
-Existing files are replaced only with `--overwrite`. The ids are checked against transformers' CLIPTokenizer in tests/test_tokenizer.py.
+Existing files are replaced only with `--overwrite`; to rebuild the shipped vocabulary, pass
+`weights/clip --overwrite`. The ids are checked against transformers' CLIPTokenizer in
+tests/test_tokenizer.py.
 """
 import argparse
 import gzip
