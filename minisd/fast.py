@@ -22,7 +22,6 @@ thread; `python tools/bench_levers.py` measures them again on any machine):
 """
 from __future__ import annotations
 
-import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -143,10 +142,3 @@ def text_kv_cached(unet: nn.Module, context: torch.Tensor) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.kv = layer.kv_context = None
-
-
-def levers_in(unet: nn.Module) -> SpeedLevers:
-    """Which attention levers a UNet has had applied (layouts are not recorded)."""
-    kinds = {type(m) for m in unet.modules()}
-    return dataclasses.replace(SpeedLevers.none(), fused_qkv=FusedSelfAttention in kinds,
-                               cached_cross_kv=CachedCrossAttention in kinds)
