@@ -106,6 +106,7 @@ def write_pipeline(state: State, out: Path) -> None:
     n = len(VAE.block_out_channels)
     _json(out / "vae" / "config.json", {
         "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **vae,
+        "sample_size": shapes.SIZE,  # the image size; minisd ignores it, diffusers tiles above it
         "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
         "force_upcast": False})
     save_file(_fp16(state.vae), out / "vae" / "diffusion_pytorch_model.safetensors")

@@ -1,11 +1,12 @@
 """minisd-shapes, what tools/train_shapes.py trains: its architecture, the training plan, and
 the training state that a checkpoint holds.
 
-The architecture is SD v1's, shrunk to tools/shapes.py's 64x64 world: an AutoencoderKL with
-3 blocks (64x64 images <-> 4x16x16 latents), a 3-layer CLIP text transformer 64 wide on the
-real 49,408-token CLIP vocabulary (weights/clip), and a layers_per_block=1 UNet (small-sd's
-layout) on SD v1's scaled-linear noise schedule. `Plan` is how long and how hard each phase
-trains (tools/train_phases.py); `State` is everything a resumed run needs, in one file.
+The architecture is SD v1's, shrunk to tools/shapes.py's 64x64 world (minisd.config's
+`minisd_shapes` preset): an AutoencoderKL with 3 blocks (64x64 images <-> 4x16x16 latents), a
+3-layer CLIP text transformer 64 wide on the real 49,408-token CLIP vocabulary (weights/clip),
+and a layers_per_block=1 UNet (small-sd's layout) on SD v1's scaled-linear noise schedule.
+`Plan` is how long and how hard each phase trains (tools/train_phases.py); `State` is
+everything a resumed run needs, in one file.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import nn
 
 import shapes
 from minisd.clip import CLIPTextModel
-from minisd.config import CLIPTextConfig, SchedulerConfig, UNetConfig, VAEConfig
+from minisd.config import minisd_shapes
 from minisd.dpm_solver import DPMSolverMultistep
 from minisd.pipeline import Pipeline
 from minisd.tokenizer import CLIPTokenizer
@@ -31,26 +32,13 @@ from minisd.vae import AutoencoderKL
 
 CLIP_VOCAB_DIR = Path(__file__).resolve().parents[1] / "weights" / "clip"
 
-VAE = VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
-                norm_num_groups=8, sample_size=shapes.SIZE)
-TEXT = CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
-                      num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu")
-UNET = UNetConfig(
-    sample_size=shapes.SIZE // VAE.downscale_factor,  # 16: the default image is 64x64
-    block_out_channels=(64, 128, 128),
-    layers_per_block=1,
-    # Attention only at 8x8 and 4x4 (and the mid block): at 16x16 it would cost more than
-    # it gives on a one-thread CPU budget. small-sd puts it on the three larger levels.
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=4,  # diffusers' name for the number of heads
-    cross_attention_dim=TEXT.hidden_size,
-    norm_num_groups=32,
-)
-# SD v1's noise schedule and sampler (small-sd's scheduler_config.json, in today's keys).
-SCHEDULER = SchedulerConfig(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                            prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,
-                            timestep_spacing="linspace", steps_offset=1)
+# The architecture is minisd's preset of the shipped model, one definition for minisd and this
+# training: attention only at 8x8 and 4x4 (and the mid block), since at 16x16 it would cost more
+# than it gives on a one-thread CPU budget (small-sd puts it on the three larger levels). Its
+# VAE scaling_factor is the shipped model's; training measures its own (State.scaling_factor).
+_PRESET = minisd_shapes()
+UNET, VAE, TEXT, SCHEDULER = (_PRESET[k] for k in ("unet", "vae", "text_encoder", "scheduler"))
+assert VAE.downscale_factor * UNET.sample_size == shapes.SIZE  # the default image is shapes' 64x64
 
 
 @dataclasses.dataclass(frozen=True)
