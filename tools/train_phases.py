@@ -41,6 +41,7 @@ import eval_shapes
 import shapes
 from minisd.clip import CLIPTextModel
 from minisd.config import SchedulerConfig
+from minisd.runtime import ProgressBar
 from minisd.tokenizer import CLIPTokenizer
 from minisd.vae import AutoencoderKL
 from shapes_model import SCHEDULER, Plan, State
@@ -80,6 +81,11 @@ def optimiser_step(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float,
     opt.step()
 
 
+def progress_bar(label: str, done: int, total: int) -> ProgressBar:
+    """A phase's bar on stderr: redrawn in place on a terminal, a line a minute into a log file."""
+    return ProgressBar(total, label, done=done, min_interval=60)
+
+
 class Saver:
     """Saves the State to `path` when `every` seconds have passed since the last save, or when told."""
 
@@ -91,34 +97,6 @@ class Saver:
         if now or time.perf_counter() - self.last > self.every:
             self.state.save(self.path)
             self.last = time.perf_counter()
-
-
-class Progress:
-    """Progress on stderr: redrawn in place on a terminal, a line a minute in a log file."""
-
-    def __init__(self, name: str, done: int, total: int):
-        self.name, self.done, self.total, self.start_done = name, done, total, done
-        self.start = self.last = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, done: int, **values: float) -> None:
-        self.done = done
-        now = time.perf_counter()
-        if not self.tty and now - self.last < 60 and done < self.total:
-            return
-        self.last = now
-        rate = (now - self.start) / max(done - self.start_done, 1)
-        eta = rate * (self.total - done)
-        bar = "#" * int(20 * done / self.total)
-        text = " ".join(f"{k} {v:.4f}" for k, v in values.items())
-        line = (f"{self.name} {done:5d}/{self.total} [{bar:<20}] {text} {rate:.2f}s/step "
-                f"eta {eta / 60:.0f}min")
-        sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
 
 
 # --- phase 1: the VAE --------------------------------------------------------------------
@@ -135,7 +113,7 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, gen: torch.Generator, kl_weigh
 def train_vae(state: State, checkpoint: Path, save_every: float) -> None:
     plan, vae = state.plan, state.vae
     vae.train()
-    bar = Progress("vae", state.vae_step, plan.vae_steps)
+    bar = progress_bar("vae", state.vae_step, plan.vae_steps)
     save = Saver(state, checkpoint, save_every)
     while state.vae_step < plan.vae_steps:
         t0 = time.perf_counter()
@@ -222,7 +200,7 @@ def _compatible(a: tuple, b: tuple) -> bool:
 def train_clip(state: State, tokenizer: CLIPTokenizer, checkpoint: Path, save_every: float) -> None:
     plan = state.plan
     state.text_encoder.train()
-    bar = Progress("clip", state.clip_step, plan.clip_steps)
+    bar = progress_bar("clip", state.clip_step, plan.clip_steps)
     save = Saver(state, checkpoint, save_every)
     smooth = None
     while state.clip_step < plan.clip_steps:
@@ -305,7 +283,7 @@ def train_unet(state: State, tokenizer: CLIPTokenizer, checkpoint: Path, save_ev
     alphas_cumprod = sd_alphas_cumprod()
     state.text_encoder.eval().requires_grad_(False)
     state.unet.train()
-    bar = Progress("unet", state.step, plan.steps)
+    bar = progress_bar("unet", state.step, plan.steps)
     save = Saver(state, checkpoint, save_every)
     smooth = None
     while state.step < plan.steps:
