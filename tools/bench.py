@@ -219,6 +219,8 @@ def main(argv=None) -> int:
         args.baseline = args.baseline.expanduser().resolve()
         if not (args.baseline / "minisd" / "__init__.py").is_file():
             p.error(f"--baseline: {args.baseline} is not a minisd checkout (no minisd/__init__.py)")
+        if not any(m.lib == "baseline" for m in modes):
+            p.error("--baseline: --modes names no baseline-* mode (baseline-fp32, ...)")
     elif any(m.lib == "baseline" for m in modes):
         p.error("baseline modes need --baseline PATH")
     args.minisd_compile = True if args.minisd_compile == "auto" else args.minisd_compile
