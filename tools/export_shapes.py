@@ -239,7 +239,8 @@ gives the same images (tests/test_shapes.py checks it).
 * In all {hours(sum(state.seconds.values()))} of training (wall time of the training steps, not counting
   the small evaluations) on {state.hardware}, shared with other jobs. Seed {plan.seed}.
 * Changes made while resuming: {"; ".join(state.history) or "none"}.
-* Reproduce (resumable; checkpoints and the folder in .cache/train_shapes/): `python tools/train_shapes.py`
+* Reproduce (resumable; checkpoints and the folder in .cache/train_shapes/): `python tools/train_shapes.py`;
+  `--export-only --out weights/minisd-shapes --overwrite` replaces this folder.
 
 Accuracy during training (20 prompts, 10 steps, guidance 7.5, EMA weights; the colour
 column suffers from the overshoot above):
