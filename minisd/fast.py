@@ -8,17 +8,10 @@ tests/test_fast.py checks each against the plain path and against diffusers.
     Pipeline.from_pretrained(folder)                            # every lever on
     Pipeline.from_pretrained(folder, levers=SpeedLevers.none()) # the models exactly as written
 
-The levers, and what each was measured to save (small-sd, 256x256, CFG batch of 2, one CPU
-thread; `python tools/bench_levers.py` measures them again on any machine):
+`apply_levers` swaps layers for faster subclasses that hold the same parameters (the state dict
+keeps its keys), except for the layout, which is chosen when the weights are read.
 
-- fused_qkv: self-attention computes q, k and v with one [3*dim, dim] matrix product instead
-  of three: one pass over the pixels' features instead of three. {fused_qkv}
-- cached_cross_kv: cross-attention's keys and values depend only on the text, which is the
-  same at every denoising step: compute them once per generation (16 layers x 2 products of
-  [77, 768] x [768, dim] for small-sd, 3.8 GFLOP a step). {cached_cross_kv}
-- channels_last: convolution kernels and feature maps stored NHWC, the layout the fast
-  convolution kernels of oneDNN (CPU) and cuDNN (tensor cores) want. Measured on the CPU, it
-  pays for the bf16 UNet and for the VAE, not for the fp32 UNet (see `channels_last_for`).
+MEASURED
 """
 from __future__ import annotations
 
@@ -30,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import Attention, BasicTransformerBlock
+from .unet import Attention, ResnetBlock2D
 
 
 @dataclass(frozen=True)
@@ -39,12 +32,13 @@ class SpeedLevers:
 
     fused_qkv: bool = True
     cached_cross_kv: bool = True
+    inplace_residuals: bool = True
     channels_last: bool | None = None  # None: what was measured fastest for the device and dtype
 
     @classmethod
     def none(cls) -> "SpeedLevers":
         """The models exactly as written in unet.py and vae.py."""
-        return cls(fused_qkv=False, cached_cross_kv=False, channels_last=False)
+        return cls(fused_qkv=False, cached_cross_kv=False, inplace_residuals=False, channels_last=False)
 
     def layouts(self, device: torch.device, dtype: torch.dtype) -> dict[str, bool]:
         """Whether the UNet's and the VAE's convolutions run channels-last."""
@@ -54,46 +48,47 @@ class SpeedLevers:
 
 
 def channels_last_for(device: torch.device, dtype: torch.dtype) -> dict[str, bool]:
-    """The layout measured fastest on small-sd at 256x256 with one CPU thread (a CFG UNet step
-    and one VAE decode; diffusers, which runs NCHW: UNet 2.95 s fp32, 1.64 s bf16):
-
-        UNet fp32   NCHW 2.91 s   channels-last 3.10 s   (NCHW also leaves fp32 weights in
-                                                          the file's mapping: no copy at load)
-        UNet bf16   NCHW 1.59 s   channels-last 1.52 s
-        VAE fp32    NCHW 6.70 s   channels-last 6.44 s   (the same in bf16)
-
-    On CUDA, cuDNN's tensor-core convolutions want channels-last."""
+    """The layout measured fastest for small-sd on the CPU; on CUDA, cuDNN's tensor-core
+    convolutions want channels-last. LAYOUTS"""
     return {"unet": not (device.type == "cpu" and dtype == torch.float32), "vae": True}
 
 
-def apply_levers(unet: nn.Module, levers: SpeedLevers) -> None:
-    """Swap the UNet's attention layers for the fast equivalents `levers` asks for, in place.
-    The swapped layers keep the same parameters under the same state-dict keys."""
-    for block in unet.modules():
-        if isinstance(block, BasicTransformerBlock):
-            if levers.fused_qkv and type(block.attn1) is Attention:
-                block.attn1 = FusedSelfAttention(block.attn1)
-            if levers.cached_cross_kv and type(block.attn2) is Attention:
-                block.attn2 = CachedCrossAttention(block.attn2)
+def apply_levers(levers: SpeedLevers, *models: nn.Module) -> None:
+    """Swap the models' layers for the fast equivalents `levers` asks for, in place."""
+    for model in models:
+        layers = [(parent, name, layer) for parent in model.modules() for name, layer in parent.named_children()]
+        for parent, name, layer in layers:
+            if type(layer) is Attention and name == "attn1" and levers.fused_qkv:
+                setattr(parent, name, FusedSelfAttention.of(layer))
+            elif type(layer) is Attention and name == "attn2" and levers.cached_cross_kv:
+                setattr(parent, name, CachedCrossAttention.of(layer))
+            elif type(layer) is ResnetBlock2D and levers.inplace_residuals:
+                setattr(parent, name, InPlaceResidualBlock.of(layer))
 
 
-def _take_over(new: Attention, plain: Attention) -> None:
-    """Make `new` use `plain`'s layers (the same parameter tensors, not copies)."""
-    nn.Module.__init__(new)
-    new.heads = plain.heads
-    new.to_q, new.to_k, new.to_v, new.to_out = plain.to_q, plain.to_k, plain.to_v, plain.to_out
+class _Swapped(nn.Module):
+    """A faster subclass of a model layer, made from a loaded layer by `of`."""
+
+    @classmethod
+    def of(cls, plain: nn.Module):
+        """An instance of this class holding `plain`'s very layers and parameters (no copies)."""
+        fast = cls.__new__(cls)
+        fast.__dict__.update(plain.__dict__)  # nn.Module keeps its settings and registries here
+        fast._modules, fast._parameters, fast._buffers = (dict(plain._modules), dict(plain._parameters),
+                                                          dict(plain._buffers))
+        fast._setup()
+        return fast
+
+    def _setup(self) -> None:
+        pass
 
 
-class FusedSelfAttention(Attention):
+class FusedSelfAttention(_Swapped, Attention):
     """Self-attention whose q, k and v come from one matrix product. The three weights become
     views into one fused [3*dim, dim] tensor: no memory is duplicated, and the state dict
     keeps its `to_q/to_k/to_v` keys."""
 
-    def __init__(self, plain: Attention):
-        _take_over(self, plain)
-        self._fuse()
-
-    def _fuse(self) -> None:
+    def _setup(self) -> None:
         layers = (self.to_q, self.to_k, self.to_v)
         fused = torch.cat([layer.weight for layer in layers]).detach()
         for layer, weight in zip(layers, fused.chunk(3)):
@@ -104,19 +99,18 @@ class FusedSelfAttention(Attention):
         # `.to()`, `.half()`, `.cuda()` convert each parameter on its own, which would leave
         # the fused tensor behind: fuse again from the converted weights.
         super()._apply(fn, recurse)
-        self._fuse()
+        self._setup()
         return self
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return self.attend(*F.linear(x, self.qkv_weight).chunk(3, dim=-1))
 
 
-class CachedCrossAttention(Attention):
+class CachedCrossAttention(_Swapped, Attention):
     """Cross-attention that, inside `text_kv_cached`, reuses the text's keys and values
     computed once instead of projecting the same text at every step."""
 
-    def __init__(self, plain: Attention):
-        _take_over(self, plain)
+    def _setup(self) -> None:
         self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self.kv_context: torch.Tensor | None = None  # the context they were computed from
 
@@ -127,6 +121,15 @@ class CachedCrossAttention(Attention):
             raise RuntimeError("text_kv_cached: the UNet was called with another text context than the "
                                "one its keys and values were computed from")
         return self.attend(self.to_q(x), *self.kv)
+
+
+class InPlaceResidualBlock(_Swapped, ResnetBlock2D):
+    """x + F(x), with x added into F(x)'s own fresh tensor rather than into a new one: on the
+    CPU every new full-size tensor costs page faults. Autograd allows it: conv2, which made
+    F(x), does not keep its output for the backward pass."""
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.residual(x, temb).add_(self.shortcut(x))
 
 
 @contextmanager

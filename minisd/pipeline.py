@@ -89,7 +89,7 @@ class Pipeline:
         pipe = cls(**parts, name=folder.name)
         for name, last in channels_last.items():  # no-ops, unless the caller passed them
             getattr(pipe, name).to(memory_format=torch.channels_last if last else torch.contiguous_format)
-        apply_levers(pipe.unet, levers)
+        apply_levers(levers, pipe.unet, pipe.vae)
         if compile:
             pipe.compile(None if compile is True else compile)
         return pipe

@@ -44,8 +44,9 @@ class TimestepEmbedding(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    """GroupNorm -> SiLU -> conv, twice, with the time embedding added in between. The VAE
-    uses it without a time embedding (`time_dim=None`)."""
+    """A residual block (https://arxiv.org/abs/1512.03385): x + F(x), where F is GroupNorm ->
+    SiLU -> conv, twice, with the time embedding added in between. The VAE uses it without a
+    time embedding (`time_dim=None`)."""
 
     def __init__(self, c_in: int, c_out: int, time_dim: int | None, groups: int, eps: float):
         super().__init__()
@@ -57,12 +58,16 @@ class ResnetBlock2D(nn.Module):
         self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.shortcut(x) + self.residual(x, temb)
+
+    def residual(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         if self.time_emb_proj is not None:  # the timestep, as a per-channel shift
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)  # 1x1 conv when widths differ
-        return shortcut + h
+        return self.conv2(F.silu(self.norm2(h)))
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.conv_shortcut is None else self.conv_shortcut(x)  # 1x1 conv when widths differ
 
 
 class Attention(nn.Module):

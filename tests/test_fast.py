@@ -9,18 +9,20 @@ import pytest
 import torch
 
 from minisd import SpeedLevers, load_unet, load_vae
-from minisd.fast import CachedCrossAttention, FusedSelfAttention, apply_levers, text_kv_cached
+from minisd.fast import (CachedCrossAttention, FusedSelfAttention, InPlaceResidualBlock, apply_levers,
+                         text_kv_cached)
 from minisd.pipeline import Pipeline
-from minisd.unet import Attention
+from minisd.unet import Attention, ResnetBlock2D
 
 REL_TOL = 1e-5        # a lever against the plain path or diffusers: max |diff| / max |ref|
 COMPILED_TOL = 1e-4   # compiled UNet step, fp32: max |diff| / max |ref|
 BF16_MIN_PSNR = 30.0  # dB, bfloat16 image against the float32 image, same seed
 
-ATTENTION_LEVERS = {
+LEVERS = {
     "none": SpeedLevers.none(),
     "fused_qkv": dataclasses.replace(SpeedLevers.none(), fused_qkv=True),
     "cached_cross_kv": dataclasses.replace(SpeedLevers.none(), cached_cross_kv=True),
+    "inplace_residuals": dataclasses.replace(SpeedLevers.none(), inplace_residuals=True),
     "all": SpeedLevers(),
 }
 
@@ -33,20 +35,21 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b) ** 2)))
 
 
-def attention_kinds(unet) -> set[type]:
-    return {type(m) for m in unet.modules() if isinstance(m, Attention)}
+def layer_kinds(model) -> set[type]:
+    return {type(m) for m in model.modules() if isinstance(m, (Attention, ResnetBlock2D))}
 
 
-@pytest.mark.parametrize("levers", list(ATTENTION_LEVERS))
+@pytest.mark.parametrize("levers", list(LEVERS))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_each_lever_matches_the_plain_path_and_diffusers(tiny_current, levers, channels_last):
     ref = diffusers.UNet2DConditionModel.from_pretrained(tiny_current / "unet").eval()
     plain = load_unet(tiny_current)
     unet = load_unet(tiny_current, channels_last=channels_last)
-    apply_levers(unet, ATTENTION_LEVERS[levers])
+    apply_levers(LEVERS[levers], unet)
     assert sorted(unet.state_dict()) == sorted(ref.state_dict())  # keys unchanged by the swaps
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 77, 32, generator=g)
+    inputs = x.clone(), ctx.clone()
     with torch.no_grad():
         expected, textbook = ref(x, 500, ctx).sample, plain(x, 500, ctx)
         with text_kv_cached(unet, ctx):
@@ -54,13 +57,29 @@ def test_each_lever_matches_the_plain_path_and_diffusers(tiny_current, levers, c
         assert rel_err(fast, textbook) <= REL_TOL
         assert rel_err(fast, expected) <= REL_TOL
         assert rel_err(unet(x, 500, ctx), expected) <= REL_TOL  # outside the block: plain cross-attention
+    assert torch.equal(inputs[0], x) and torch.equal(inputs[1], ctx)  # in-place adds stay inside
+
+
+@pytest.mark.parametrize("levers", ["none", "inplace_residuals", "all"])
+def test_vae_levers_match_the_plain_path_and_diffusers(tiny_current, levers):
+    ref = diffusers.AutoencoderKL.from_pretrained(tiny_current / "vae").eval()
+    plain, vae = load_vae(tiny_current), load_vae(tiny_current, channels_last=True)
+    apply_levers(LEVERS[levers], vae)
+    g = torch.Generator().manual_seed(3)
+    z, image = torch.randn(1, 4, 8, 12, generator=g), torch.rand(1, 3, 64, 48, generator=g) * 2 - 1
+    with torch.no_grad():
+        assert rel_err(vae.decode(z), plain.decode(z)) <= REL_TOL
+        assert rel_err(vae.decode(z), ref.decode(z).sample) <= REL_TOL
+        assert rel_err(vae.encode(image)[0], ref.encode(image).latent_dist.mean) <= REL_TOL
 
 
 def test_levers_are_applied_by_from_pretrained_and_switch_off(tiny_current):
     fast = Pipeline.from_pretrained(tiny_current, safety_checker=None)
     plain = Pipeline.from_pretrained(tiny_current, safety_checker=None, levers=SpeedLevers.none())
-    assert attention_kinds(fast.unet) == {FusedSelfAttention, CachedCrossAttention}
-    assert attention_kinds(plain.unet) == {Attention}  # the textbook class, nothing swapped in
+    assert layer_kinds(fast.unet) == {FusedSelfAttention, CachedCrossAttention, InPlaceResidualBlock}
+    assert layer_kinds(fast.vae) == {InPlaceResidualBlock}
+    assert layer_kinds(plain.unet) == {Attention, ResnetBlock2D}  # the textbook classes, nothing swapped in
+    assert layer_kinds(plain.vae) == {ResnetBlock2D}
     run = dict(prompt=["a red cube", "a blue ball"], num_inference_steps=4, output_type="np", height=64, width=48)
     got = fast(**run, generator=torch.Generator().manual_seed(0)).images
     want = plain(**run, generator=torch.Generator().manual_seed(0)).images
@@ -69,7 +88,7 @@ def test_levers_are_applied_by_from_pretrained_and_switch_off(tiny_current):
 
 def test_cached_kv_refuses_another_context_and_is_cleared(tiny_current):
     unet = load_unet(tiny_current)
-    apply_levers(unet, SpeedLevers())
+    apply_levers(SpeedLevers(), unet)
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
     with torch.no_grad():
         with text_kv_cached(unet, ctx):
@@ -140,7 +159,7 @@ def test_bfloat16_image_close_to_float32(tiny_current):
 
 def test_fused_weights_follow_dtype_conversion(tiny_current):
     unet = load_unet(tiny_current)
-    apply_levers(unet, SpeedLevers())
+    apply_levers(SpeedLevers(), unet)
     unet.to(torch.bfloat16)
     attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     assert isinstance(attn, FusedSelfAttention) and attn.qkv_weight.dtype == torch.bfloat16

@@ -31,9 +31,12 @@ UNET_VARIANTS = {
     "none": NONE,
     "fused_qkv": dataclasses.replace(NONE, fused_qkv=True),
     "cached_cross_kv": dataclasses.replace(NONE, cached_cross_kv=True),
+    "inplace_residuals": dataclasses.replace(NONE, inplace_residuals=True),
     "channels_last": dataclasses.replace(NONE, channels_last=True),
     "all (minisd's default)": SpeedLevers(),
 }
+VAE_VARIANTS = {name: UNET_VARIANTS[name] for name in ("none", "inplace_residuals", "channels_last",
+                                                        "all (minisd's default)")}
 
 
 def random_weights(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
@@ -50,28 +53,23 @@ def build(cls, config, weights: dict, dtype: torch.dtype, channels_last: bool) -
     return module.eval().requires_grad_(False)
 
 
-def unet_variants(dtype: torch.dtype, device: torch.device) -> dict[str, torch.nn.Module]:
-    config = small_sd()["unet"]
+def variants(cls, config, table: dict[str, SpeedLevers], part: str, dtype: torch.dtype, seed: int):
+    """One model per row of `table`, sharing weight tensors where the layout allows."""
     with torch.device("meta"):
-        shapes = UNet2DConditionModel(config)
-    weights = random_weights(shapes, 0)
-    same_layout = {}  # channels-last weights are copies: make each layout once, share it
-    variants = {}
-    for name, levers in UNET_VARIANTS.items():
-        last = levers.layouts(device, dtype)["unet"]
-        if last not in same_layout:
-            same_layout[last] = build(UNet2DConditionModel, config, weights, dtype, last).state_dict()
-        unet = build(UNet2DConditionModel, config, same_layout[last], dtype, last)
-        apply_levers(unet, levers)
-        variants[name] = unet
-    return variants
+        shapes = cls(config)
+    weights, by_layout, models = random_weights(shapes, seed), {}, {}
+    for name, levers in table.items():
+        last = levers.layouts(torch.device("cpu"), dtype)[part]
+        if last not in by_layout:  # channels-last weights are copies: make each layout once
+            by_layout[last] = build(cls, config, weights, dtype, last).state_dict()
+        models[name] = build(cls, config, by_layout[last], dtype, last)
+        apply_levers(levers, models[name])
+    return models
 
 
-def time_unet(unet, x, context) -> float:
-    with text_kv_cached(unet, context):  # once per generation, as in the pipeline: not timed
-        start = time.perf_counter()
-        unet(x, 500, context)
-        return time.perf_counter() - start
+def unet_step(unet, x, context) -> torch.Tensor:
+    with text_kv_cached(unet, context):  # once per generation, as in the pipeline
+        return unet(x, 500, context)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -80,47 +78,29 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def measure(dtype_name: str, size: int, repeats: int) -> list[tuple[str, float, float, float]]:
-    dtype, device = DTYPES[dtype_name], torch.device("cpu")
+    dtype, config = DTYPES[dtype_name], small_sd()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, size // 8, size // 8, generator=g).to(dtype)
     context = torch.randn(2, 77, 768, generator=g).to(dtype)
-    unets = unet_variants(dtype, device)
-    errors = {}
-    reference = unets["none"](x, 500, context)
-    for name, unet in unets.items():
-        with text_kv_cached(unet, context):
-            errors[name] = rel_err(unet(x, 500, context), reference)
-
-    vae_config = small_sd()["vae"]
-    with torch.device("meta"):
-        vae_shapes = AutoencoderKL(vae_config)
-    vae_weights = random_weights(vae_shapes, 2)
-    vaes = {f"VAE decode, {layout}": build(AutoencoderKL, vae_config, vae_weights, dtype, layout == "channels_last")
-            for layout in ("NCHW", "channels_last")}
     z = torch.randn(1, 4, size // 8, size // 8, generator=g).to(dtype)
-    decoded = {name: vae.decode(z) for name, vae in vaes.items()}
-    errors.update({name: rel_err(image, decoded["VAE decode, NCHW"]) for name, image in decoded.items()})
-    calls = {**{f"UNet step, {n}": (lambda u=u: time_unet(u, x, context)) for n, u in unets.items()},
-             **{n: (lambda v=v: _timed(v.decode, z)) for n, v in vaes.items()}}
+    calls = {}  # row -> (the call, the row it is compared with)
+    for name, unet in variants(UNet2DConditionModel, config["unet"], UNET_VARIANTS, "unet", dtype, 0).items():
+        calls[f"UNet step, {name}"] = (lambda u=unet: unet_step(u, x, context)), "UNet step, none"
+    for name, vae in variants(AutoencoderKL, config["vae"], VAE_VARIANTS, "vae", dtype, 2).items():
+        calls[f"VAE decode, {name}"] = (lambda v=vae: v.decode(z)), "VAE decode, none"
+    outputs = {name: call() for name, (call, _) in calls.items()}  # also the warm-up
     times = {name: [] for name in calls}
-    for call in calls.values():  # warm-up: first calls allocate and pick kernels
-        call()
-    for r in range(repeats):
+    for r in range(repeats):  # each repetition times every row once, in a rotating order
         names = list(calls)
         for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(calls[name]())
+            start = time.perf_counter()
+            calls[name][0]()
+            times[name].append(time.perf_counter() - start)
     rows = []
-    for name, ts in times.items():
-        base = times["UNet step, none"] if name.startswith("UNet") else times["VAE decode, NCHW"]
-        err = errors[name.removeprefix("UNet step, ")]
-        rows.append((name, statistics.median(ts), statistics.median(ts) / statistics.median(base), err))
+    for name, (_, base) in calls.items():
+        median = statistics.median(times[name])
+        rows.append((name, median, median / statistics.median(times[base]), rel_err(outputs[name], outputs[base])))
     return rows
-
-
-def _timed(fn, *args) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
 
 
 def main(argv=None) -> None:
