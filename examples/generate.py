@@ -25,11 +25,16 @@ def generate(pipe: Pipeline) -> list:
     return images
 
 
-fast = generate(Pipeline.from_pretrained(MODEL))
-for i, image in enumerate(fast):
-    image.save(f"shapes-{i}.png")
-    print(f"wrote shapes-{i}.png: {PROMPTS[i]!r}")
+def main() -> None:
+    fast = generate(Pipeline.from_pretrained(MODEL))
+    for i, image in enumerate(fast):
+        image.save(f"shapes-{i}.png")
+        print(f"wrote shapes-{i}.png: {PROMPTS[i]!r}")
 
-plain = generate(Pipeline.from_pretrained(MODEL, levers=SpeedLevers.none()))
-diff = max(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() for a, b in zip(fast, plain))
-print(f"largest difference, levers on vs off: {diff} of 255 levels")
+    plain = generate(Pipeline.from_pretrained(MODEL, levers=SpeedLevers.none()))
+    diff = max(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() for a, b in zip(fast, plain))
+    print(f"largest difference, levers on vs off: {diff} of 255 levels")
+
+
+if __name__ == "__main__":
+    main()

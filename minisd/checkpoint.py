@@ -84,7 +84,8 @@ def _shards(index_path: Path) -> list[Path]:
 # --- reading tensors --------------------------------------------------------------------
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one file, in memory. Pickles go through `weights_only=True`: a file that
+    """All tensors of one file, in memory, for tools and tests (loading streams safetensors
+    through `stored_tensors` instead). Pickles go through `weights_only=True`: a file that
     holds anything but tensors and plain containers is refused, never executed."""
     return read_safetensors(path) if path.suffix == ".safetensors" else _read_pickle(path)
 

@@ -45,7 +45,8 @@ def build_parser() -> ArgumentParser:
     # -b image count, -s seed, -W/-H size, -m model).
     common = ArgumentParser(add_help=False)  # options every command takes
     common.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser = ArgumentParser(prog="minisd", description="Stable Diffusion v1 text-to-image in plain PyTorch.")
+    parser = ArgumentParser(prog="minisd", parents=[common],
+                            description="Stable Diffusion v1 text-to-image in plain PyTorch.")
     parser.add_argument("--version", action="version", version=f"minisd {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
     gen = commands.add_parser("generate", parents=[common], help="generate images from a prompt")
@@ -93,7 +94,7 @@ def find_model(explicit: Path | None) -> Path:
     if os.environ.get("MINISD_MODEL"):
         return Path(os.environ["MINISD_MODEL"])
     snapshot = newest_snapshot(cache_entry(HUB_REPO))
-    if snapshot is not None and (snapshot / "model_index.json").is_file():
+    if snapshot is not None:
         return snapshot
     if (EMBEDDED_MODEL / "model_index.json").is_file():
         return EMBEDDED_MODEL
@@ -177,7 +178,7 @@ def generate(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise InputError(f"-b/--num-images: must be at least 1, got {args.num_images}")
-    if args.size and (args.width or args.height):
+    if args.size and (args.width is not None or args.height is not None):
         raise InputError("--size: give the size as --size WxH or as -W/-H, not both")
     if args.negative.strip().isdigit():  # -n used to be the image count; a number is likely a mix-up
         logging.getLogger("minisd").warning(

@@ -208,6 +208,7 @@ class VAEConfig(_Config):
     def downscale_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
 
+
 @dataclass(frozen=True)
 class CLIPTransformerConfig(_Config):
     """The pre-norm transformer both CLIP towers are made of. Defaults: transformers' text tower."""

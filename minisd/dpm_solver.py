@@ -38,6 +38,7 @@ logger = logging.getLogger("minisd")
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                   "prediction_type", "predict_epsilon", "timestep_spacing", "steps_offset", "_class_name")
 
+
 def _alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """VE noise level sigma = sigma_t / alpha_t -> (alpha_t, sigma_t) of the VP process."""
     alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
@@ -57,7 +58,8 @@ class DPMSolverMultistep:
     init_noise_sigma = 1.0  # VP process: x_T ~ N(0, I)
 
     def __init__(self, config: SchedulerConfig):
-        self.config = config  # checked by SchedulerConfig.validate
+        config.validate(type(self).__name__)  # from_dict checked it too, but a config may be built by hand
+        self.config = config
         T = config.num_train_timesteps
         # Betas: diffusers __init__ (scaled_linear is linear in sqrt(beta), LDM's schedule).
         if config.trained_betas is not None:

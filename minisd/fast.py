@@ -15,6 +15,7 @@ MEASURED
 """
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -73,9 +74,9 @@ class _Swapped(nn.Module):
     def of(cls, plain: nn.Module):
         """An instance of this class holding `plain`'s very layers and parameters (no copies)."""
         fast = cls.__new__(cls)
-        fast.__dict__.update(plain.__dict__)  # nn.Module keeps its settings and registries here
-        fast._modules, fast._parameters, fast._buffers = (dict(plain._modules), dict(plain._parameters),
-                                                          dict(plain._buffers))
+        # nn.Module keeps its settings and its registries (layers, parameters, hooks) in __dict__:
+        # share the values, copy the registries.
+        fast.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in plain.__dict__.items()})
         fast._setup()
         return fast
 
@@ -92,8 +93,10 @@ class FusedSelfAttention(_Swapped, Attention):
         layers = (self.to_q, self.to_k, self.to_v)
         fused = torch.cat([layer.weight for layer in layers]).detach()
         for layer, weight in zip(layers, fused.chunk(3)):
-            layer.weight = nn.Parameter(weight, requires_grad=False)
+            layer.weight = nn.Parameter(weight, requires_grad=False)  # inference only: frozen
         self.qkv_weight = fused
+        if not self._load_state_dict_post_hooks:  # a load that assigns new tensors: fuse those
+            self.register_load_state_dict_post_hook(lambda module, _: module._setup())
 
     def _apply(self, fn, recurse=True):
         # `.to()`, `.half()`, `.cuda()` convert each parameter on its own, which would leave
@@ -138,6 +141,9 @@ def text_kv_cached(unet: nn.Module, context: torch.Tensor) -> Iterator[None]:
     `context` (the text, [B, 77, D]) computed here, once. A no-op for a UNet without
     `CachedCrossAttention` layers (the lever switched off)."""
     layers = [m for m in unet.modules() if isinstance(m, CachedCrossAttention)]
+    if any(layer.kv is not None for layer in layers):
+        raise RuntimeError("text_kv_cached: this UNet is already inside a text_kv_cached block "
+                           "(one generation at a time per model)")
     for layer in layers:
         layer.kv, layer.kv_context = (layer.to_k(context), layer.to_v(context)), context
     try:

@@ -48,14 +48,17 @@ def cache_entry(repo_id: str) -> Path:
     return hub_cache() / ("models--" + repo_id.replace("/", "--"))
 
 
-def newest_snapshot(entry: Path) -> Path | None:
-    """The snapshot `refs/main` names, else the most recently written one; None if there is none."""
+def newest_snapshot(entry: Path, holding: str = "model_index.json") -> Path | None:
+    """The snapshot `refs/main` names, else the most recently written one, of those that hold
+    the file `holding` (a half-downloaded revision does not); None if there is none."""
     snapshots = entry / "snapshots"
+    candidates = sorted((p for p in snapshots.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime,
+                        reverse=True)
     main = entry / "refs" / "main"
-    if main.is_file() and (snapshots / main.read_text().strip()).is_dir():
-        return snapshots / main.read_text().strip()
-    candidates = sorted((p for p in snapshots.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
-    return candidates[-1] if candidates else None
+    if main.is_file():
+        named = snapshots / main.read_text().strip()
+        candidates.sort(key=lambda p: p != named)  # stable: the named one first, then newest first
+    return next((p for p in candidates if (p / holding).is_file()), None)
 
 
 def find_model_folder(folder: str | Path) -> Path:

@@ -65,7 +65,9 @@ class Pipeline:
         """Load every component of a diffusers pipeline folder. Pass a component by keyword
         (`safety_checker=None`, `unet=my_unet`) to use it instead of the folder's.
         `levers` picks the speed levers of fast.py (`SpeedLevers.none()`: the models exactly as
-        written); `compile=True` (or a torch.compile mode) compiles the UNet and VAE decoder."""
+        written), applied to the UNet and VAE, the folder's or those passed in (which are changed
+        in place); a Pipeline built by hand gets none. `compile=True` (or a torch.compile mode)
+        compiles the UNet and VAE decoder. One generation at a time per Pipeline."""
         folder = find_model_folder(folder)
         # bfloat16 keeps 8 bits of mantissa: fine for the UNet's many steps, but the text
         # context is computed once and steers all of them, so the encoder stays in float32.
@@ -140,7 +142,7 @@ class Pipeline:
 
         # 2. noise -> latents [n, 4, height/8, width/8], denoised step by step
         latents = self.prepare_latents(n, height // f, width // f, generator, latents)
-        bar = ProgressBar(len(self.scheduler.timesteps), enabled=progress)
+        bar = ProgressBar(len(self.scheduler.timesteps), enabled=progress, min_interval=1.0)
         try:
             with text_kv_cached(self.unet, context):  # a speed lever (fast.py); a no-op when off
                 for i, t in enumerate(self.scheduler.timesteps):

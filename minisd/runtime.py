@@ -59,7 +59,7 @@ def check_memory(n: int, height: int, width: int, dtype: torch.dtype, device: to
 class ProgressBar:
     """A one-line progress bar on stderr, with no dependency:
 
-        denoise  12/25 [##############..............] 1.4s, 0.12s/step, eta 1.6s
+        unet 1200/6000 [######........................] loss 0.0412, 1.4s, 0.12s/step, eta 9.6min
 
     On a terminal it is redrawn in place; into a file or pipe it writes a line at most every
     `min_interval` seconds (and always the last), so a log of a two-hour run stays readable.

@@ -1,7 +1,8 @@
 """The safety checker SD v1 ships with: embed each image with a CLIP ViT-L/14 vision tower and
 compare it with hidden concept embeddings; an image close to any concept comes back black.
 
-The concept embeddings and their thresholds are data of the checkpoint (`concept_embeds`,
+`choose_safety_checker` is the policy a Pipeline follows: which checker runs, and what it says
+when none does. The concept embeddings and their thresholds are data of the checkpoint (`concept_embeds`,
 `special_care_embeds` and their `*_weights`): minisd loads them, never prints or logs them.
 
 Scoring follows diffusers' `StableDiffusionSafetyChecker.forward`

@@ -80,8 +80,10 @@ class VAEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
             x = resnet(x)
-        for resample in self.downsamplers or self.upsamplers or ():
-            x = resample(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
         return x
 
 

@@ -62,6 +62,13 @@ def test_short_options_as_in_stable_diffusion_cpp(tiny_current, tmp_path, caplog
                  "--steps", "1", "--size", "64x64", "--quiet"]) == 0  # -n 2 meant as a count, once
     assert "the negative prompt is '2': -n is the negative prompt" in caplog.text
     assert main(["generate", "x", "-o", str(tmp_path / "x.png"), "--size", "64x64", "-W", "64"]) == 2
+    assert main(["generate", "x", "-o", str(tmp_path / "x.png"), "--size", "64x64", "-W", "0"]) == 2
+
+
+def test_debug_before_or_after_the_command(tmp_path):
+    for args in (["--debug", "generate", "x"], ["generate", "x", "--debug"]):
+        result = run(*args, "-o", str(tmp_path / "x.png"), "--model", str(tmp_path / "nope"))
+        assert result.returncode == 1 and "Traceback" in result.stderr and "CheckpointError" in result.stderr
 
 
 def test_no_levers_gives_the_same_image(tiny_current, tmp_path):

@@ -253,3 +253,10 @@ def test_inputs_not_modified():
         assert torch.equal(x, x_copy) and torch.equal(model_output, out_copy)
         assert new.data_ptr() not in (x.data_ptr(), model_output.data_ptr())
         x = new
+
+
+def test_a_config_built_by_hand_is_checked_too():
+    with pytest.raises(CheckpointError, match="algorithm_type='sde-dpmsolver\\+\\+' is not supported"):
+        DPMSolverMultistep(SchedulerConfig(algorithm_type="sde-dpmsolver++"))
+    with pytest.raises(CheckpointError, match="10 trained_betas but num_train_timesteps=1000"):
+        DPMSolverMultistep(SchedulerConfig(trained_betas=(0.01,) * 10))

@@ -94,6 +94,9 @@ def test_cached_kv_refuses_another_context_and_is_cleared(tiny_current):
         with text_kv_cached(unet, ctx):
             with pytest.raises(RuntimeError, match="another text context"):
                 unet(x, 1, ctx.clone())
+            with pytest.raises(RuntimeError, match="already inside a text_kv_cached block"):
+                with text_kv_cached(unet, ctx):
+                    pass
         layers = [m for m in unet.modules() if isinstance(m, CachedCrossAttention)]
         assert layers and all(m.kv is None and m.kv_context is None for m in layers)
 
@@ -155,6 +158,18 @@ def test_bfloat16_image_close_to_float32(tiny_current):
     want = fp32(**run, generator=torch.Generator().manual_seed(0)).images
     got = bf16(**run, generator=torch.Generator().manual_seed(0)).images
     assert psnr(got, want) >= BF16_MIN_PSNR
+
+
+def test_fused_weights_follow_a_load_that_assigns_new_tensors(tiny_current):
+    unet, plain = load_unet(tiny_current), load_unet(tiny_current)
+    apply_levers(SpeedLevers(), unet)
+    g = torch.Generator().manual_seed(4)
+    state = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in plain.state_dict().items()}
+    unet.load_state_dict(state, assign=True)
+    plain.load_state_dict(state)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        assert rel_err(unet(x, 10, ctx), plain(x, 10, ctx)) <= REL_TOL
 
 
 def test_fused_weights_follow_dtype_conversion(tiny_current):

@@ -44,16 +44,18 @@ def test_progress_bar_disabled_writes_nothing():
     assert out.getvalue() == ""
 
 
-def test_newest_snapshot_prefers_what_refs_main_names(tmp_path):
+def test_newest_snapshot_prefers_what_refs_main_names_and_skips_incomplete_ones(tmp_path):
     entry = tmp_path / "models--org--name"
     assert newest_snapshot(entry) is None
-    old, new = entry / "snapshots" / "aaa", entry / "snapshots" / "bbb"
-    old.mkdir(parents=True)
-    new.mkdir()
-    os.utime(old, (time.time() - 100, time.time() - 100))
-    assert newest_snapshot(entry) == new  # no refs/main: the most recently written
+    old, new, partial = (entry / "snapshots" / name for name in ("aaa", "bbb", "ccc"))
+    for i, snapshot in enumerate((old, new, partial)):
+        snapshot.mkdir(parents=True)
+        os.utime(snapshot, (time.time() - 100 + 10 * i,) * 2)
+    for complete in (old, new):
+        (complete / "model_index.json").write_text("{}")
+    assert newest_snapshot(entry) == new  # the newest that holds model_index.json, not `partial`
     (entry / "refs").mkdir()
     (entry / "refs" / "main").write_text("aaa\n")
-    assert newest_snapshot(entry) == old
-    (entry / "refs" / "main").write_text("ccc")  # names a snapshot that is not there
+    assert newest_snapshot(entry) == old  # what refs/main names wins
+    (entry / "refs" / "main").write_text("ccc")  # names a half-downloaded snapshot
     assert newest_snapshot(entry) == new
