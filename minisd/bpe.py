@@ -115,14 +115,15 @@ class ReferenceBPE:
 
     @classmethod
     def from_folder(cls, path) -> "ReferenceBPE":
-        """vocab.json + merges.txt (SD v1 checkpoints), or tokenizer.json (newer saves)."""
+        """vocab.json + merges.txt (SD v1 checkpoints), or tokenizer.json (newer saves). A
+        reader's reference: it trusts its files, which minisd.tokenizer checks."""
         folder = Path(path)
         if (folder / "tokenizer.json").is_file():
             model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
             merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]  # "a b" or [a, b]
             return cls(model["vocab"], merges)
         vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
         return cls(vocab, [line.split(" ") for line in lines if line and not line.startswith("#version")])
 
     def bpe(self, word: str) -> list[str]:
