@@ -18,25 +18,26 @@ to run on this shared machine, so only the larger effects are settled:
 
                           UNet step              VAE decode
     lever                 fp32        bf16        fp32        bf16
-    fused_qkv             0.97/0.92   0.97/1.00   -           -
-    cached_cross_kv       0.98/0.97   1.00/1.00   -           -
-    inplace_residuals     1.03/0.97   0.98/1.00   0.94/0.97   1.02/0.99
-    channels_last         1.04/0.96   0.90/0.89   0.76/0.86   0.89/0.81
-    all (the defaults)    1.01/0.92   0.90/0.95   0.74/0.80   0.88/0.81
+    fused_qkv             1.00/0.97   1.01/0.99   -           -
+    cached_cross_kv       0.99/0.99   0.99/0.96   -           -
+    inplace_residuals     0.98/1.00   0.98/0.97   1.00/0.92   1.02/1.00
+    channels_last         1.00/1.05   0.92/0.96   0.89/0.71   0.91/0.87
+    all (the defaults)    0.98/0.97   0.91/0.95   0.86/0.70   0.89/0.88
 
-- fused_qkv: self-attention's q, k and v from one [3*dim, dim] matrix product: one pass over
-  the pixels' features instead of three (0-8% of an fp32 step here; the usual GPU recipe).
+- fused_qkv: self-attention's q, k and v from one [3*dim, dim] matrix product, one pass over
+  the pixels' features instead of three: 0-3% of a step here; the usual GPU recipe.
 - cached_cross_kv: cross-attention's keys and values depend only on the text, the same at every
   step: computed once per generation, they save small-sd's 10 cross-attention layers two
   [2 x 77, 768] x [768, dim] products a step, 3.8 of its 236.8 GFLOP (1.6%).
-- inplace_residuals: a resnet block adds its shortcut into its residual branch's fresh output
-  instead of into a new tensor; each new full-size tensor costs page faults on the CPU, most in
-  the VAE's full-resolution blocks (3-6% of an fp32 decode; 6% of a bf16 decode at 512x512).
+- inplace_residuals: every x + F(x) adds x into F(x)'s own fresh output instead of into a new
+  tensor; on the CPU each new full-size tensor costs page faults. In one process beside other
+  models (above) that is 0-8%; in whole images, where tools/bench.py gives each library a
+  process of its own, leaving these adds out cost minisd's bf16 image 5-14% against its
+  previous version in three runs, and with them it measured level (0.92 and 0.93 of it).
 - channels_last: kernels and feature maps stored NHWC, the layout oneDNN's (CPU) and cuDNN's
-  (tensor cores) fast convolutions want: 10% of a bf16 UNet step, 11-24% of a VAE decode. For
-  the fp32 UNet on the CPU it measured 4% slower in one run and 4% faster in the other, and
-  NCHW leaves fp32 weights in the file's memory mapping (nothing copied at load), so that one
-  stays NCHW (`channels_last_for`).
+  (tensor cores) fast convolutions want: 4-8% of a bf16 UNet step, 9-29% of a VAE decode. For
+  the fp32 UNet on the CPU it measured level or 5% slower, and NCHW leaves fp32 weights in the
+  file's memory mapping (nothing copied at load), so that one stays NCHW (`channels_last_for`).
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import Attention, ResnetBlock2D
+from .unet import Attention, BasicTransformerBlock, ResnetBlock2D, Transformer2DModel
+from .vae import VAEAttention
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class SpeedLevers:
 
     fused_qkv: bool = True  # self-attention: FusedSelfAttention, one matrix product for q, k, v
     cached_cross_kv: bool = True  # cross-attention: CachedCrossAttention, the text's K/V once
-    inplace_residuals: bool = True  # resnets: InPlaceResidualBlock, no new tensor for the sum
+    inplace_residuals: bool = True  # every x + F(x): the InPlace* layers, no new tensor for the sum
     channels_last: bool | None = None  # NHWC convolutions; None: as channels_last_for measured
 
     @classmethod
@@ -83,13 +85,13 @@ def apply_levers(levers: SpeedLevers, *models: nn.Module) -> None:
     """Swap the models' layers for the fast equivalents `levers` asks for, in place."""
     for model in models:
         layers = [(parent, name, layer) for parent in model.modules() for name, layer in parent.named_children()]
-        for parent, name, layer in layers:
+        for parent, name, layer in reversed(layers):  # inner layers first: a swapped block takes them over
             if type(layer) is Attention and name == "attn1" and levers.fused_qkv:
                 setattr(parent, name, FusedSelfAttention.of(layer))
             elif type(layer) is Attention and name == "attn2" and levers.cached_cross_kv:
                 setattr(parent, name, CachedCrossAttention.of(layer))
-            elif type(layer) is ResnetBlock2D and levers.inplace_residuals:
-                setattr(parent, name, InPlaceResidualBlock.of(layer))
+            elif type(layer) in IN_PLACE and levers.inplace_residuals:
+                setattr(parent, name, IN_PLACE[type(layer)].of(layer))
 
 
 class _Swapped(nn.Module):
@@ -151,13 +153,34 @@ class CachedCrossAttention(_Swapped, Attention):
         return self.attend(self.to_q(x), *self.kv)
 
 
-class InPlaceResidualBlock(_Swapped, ResnetBlock2D):
-    """x + F(x), with x added into F(x)'s own fresh tensor rather than into a new one: on the
-    CPU every new full-size tensor costs page faults. Autograd allows it: conv2, which made
-    F(x), does not keep its output for the backward pass."""
+# The residual adds, x + F(x), with x added into F(x)'s own fresh tensor rather than into a new
+# one: on the CPU every new full-size tensor costs page faults. (The layer that made F(x), a
+# convolution or a linear, keeps no output for a backward pass, so autograd allows it.)
 
+class InPlaceResidualBlock(_Swapped, ResnetBlock2D):
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         return self.residual(x, temb).add_(self.shortcut(x))
+
+
+class InPlaceTransformer2D(_Swapped, Transformer2DModel):
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.residual(x, context).add_(x)
+
+
+class InPlaceTransformerBlock(_Swapped, BasicTransformerBlock):
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)).add_(x)
+        x = self.attn2(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
+
+
+class InPlaceVAEAttention(_Swapped, VAEAttention):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(x).add_(x)
+
+
+IN_PLACE = {ResnetBlock2D: InPlaceResidualBlock, Transformer2DModel: InPlaceTransformer2D,
+            BasicTransformerBlock: InPlaceTransformerBlock, VAEAttention: InPlaceVAEAttention}
 
 
 @contextmanager

@@ -162,10 +162,13 @@ class Transformer2DModel(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return x + self.residual(x, context)
+
+    def residual(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         tokens = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return x + self.proj_out(to_feature_map(tokens, like=x))
+        return self.proj_out(to_feature_map(tokens, like=x))
 
 
 class Downsample2D(nn.Module):

@@ -35,10 +35,12 @@ class VAEAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # key `to_out.0`, as in the UNet
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.residual(x)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
         tokens = rearrange(self.group_norm(x), "b c h w -> b 1 (h w) c")
         out = F.scaled_dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
-        out = self.to_out[0](out)
-        return x + to_feature_map(out.squeeze(1), like=x)
+        return to_feature_map(self.to_out[0](out).squeeze(1), like=x)
 
 
 class MidBlock(nn.Module):

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from minisd import SpeedLevers, load_unet, load_vae
-from minisd.fast import (CachedCrossAttention, FusedSelfAttention, InPlaceResidualBlock, apply_levers,
+from minisd.fast import (IN_PLACE, CachedCrossAttention, FusedSelfAttention, InPlaceResidualBlock,
+                         InPlaceTransformer2D, InPlaceTransformerBlock, InPlaceVAEAttention, apply_levers,
                          text_kv_cached)
 from minisd.pipeline import Pipeline
-from minisd.unet import Attention, ResnetBlock2D
+from minisd.unet import Attention, BasicTransformerBlock, ResnetBlock2D, Transformer2DModel
+from minisd.vae import VAEAttention
 
 REL_TOL = 1e-5        # a lever against the plain path or diffusers: max |diff| / max |ref|
 COMPILED_TOL = 1e-4   # compiled UNet step, fp32: max |diff| / max |ref|
@@ -36,7 +38,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def layer_kinds(model) -> set[type]:
-    return {type(m) for m in model.modules() if isinstance(m, (Attention, ResnetBlock2D))}
+    return {type(m) for m in model.modules() if isinstance(m, (Attention, *IN_PLACE))}
 
 
 @pytest.mark.parametrize("levers", list(LEVERS))
@@ -76,10 +78,12 @@ def test_vae_levers_match_the_plain_path_and_diffusers(tiny_current, levers):
 def test_levers_are_applied_by_from_pretrained_and_switch_off(tiny_current):
     fast = Pipeline.from_pretrained(tiny_current, safety_checker=None)
     plain = Pipeline.from_pretrained(tiny_current, safety_checker=None, levers=SpeedLevers.none())
-    assert layer_kinds(fast.unet) == {FusedSelfAttention, CachedCrossAttention, InPlaceResidualBlock}
-    assert layer_kinds(fast.vae) == {InPlaceResidualBlock}
-    assert layer_kinds(plain.unet) == {Attention, ResnetBlock2D}  # the textbook classes, nothing swapped in
-    assert layer_kinds(plain.vae) == {ResnetBlock2D}
+    assert layer_kinds(fast.unet) == {FusedSelfAttention, CachedCrossAttention, InPlaceResidualBlock,
+                                      InPlaceTransformer2D, InPlaceTransformerBlock}
+    assert layer_kinds(fast.vae) == {InPlaceResidualBlock, InPlaceVAEAttention}
+    # the textbook classes, nothing swapped in
+    assert layer_kinds(plain.unet) == {Attention, ResnetBlock2D, Transformer2DModel, BasicTransformerBlock}
+    assert layer_kinds(plain.vae) == {ResnetBlock2D, VAEAttention}
     run = dict(prompt=["a red cube", "a blue ball"], num_inference_steps=4, output_type="np", height=64, width=48)
     got = fast(**run, generator=torch.Generator().manual_seed(0)).images
     want = plain(**run, generator=torch.Generator().manual_seed(0)).images
