@@ -25,7 +25,8 @@ from minisd.fast import SpeedLevers, apply_levers, channels_last_for, text_kv_ca
 from minisd.unet import UNet2DConditionModel
 from minisd.vae import AutoencoderKL
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from bench_model import DTYPES  # the dtype names bench.py uses
+
 NONE = SpeedLevers.none()
 UNET_VARIANTS = {
     "none": NONE,
@@ -106,7 +107,7 @@ def measure(dtype_name: str, size: int, repeats: int) -> list[tuple[str, float, 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier numbers)")
     args = p.parse_args(argv)
