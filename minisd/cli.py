@@ -64,9 +64,12 @@ def build_parser() -> ArgumentParser:
     gen.add_argument("-b", "--num-images", type=int, default=1, help="images to generate (default 1)")
     gen.add_argument("-m", "--model", type=Path, help="diffusers pipeline folder (default: $MINISD_MODEL, the "
                      "Hugging Face cache, then the embedded model)")
-    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default cpu)")
+    gen.add_argument("--device", default="auto",
+                     help="auto, cpu, cuda, cuda:1, mps, ... (default auto: CUDA when available, then "
+                          "Apple's MPS, else the CPU)")
     gen.add_argument("--dtype", choices=DTYPES, default="auto",
-                     help="auto: float16 on CUDA, bfloat16 on CPUs with native bf16 (AVX512-BF16, AMX), else float32")
+                     help="auto (for the device chosen): float16 on CUDA, bfloat16 on CPUs with native bf16 "
+                          "(AVX512-BF16, AMX), else float32")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the UNet and VAE decoder: minutes of compiling on the first image; "
                           "pays off on a GPU, not on the CPU")
@@ -159,14 +162,21 @@ def current_umask() -> int:
 
 
 def generation_parameters(prompt: str, negative: str, steps: int, sampler: str, guidance: float,
-                          seed: int, width: int, height: int, model: str) -> str:
+                          seed: int, width: int, height: int, model: str, *,
+                          denoising_strength: float | None = None, clip_skip: int = 1) -> str:
     """The `parameters` text other SD tools write and read: the prompt, an optional
-    negative-prompt line, then comma-separated `Key: value` pairs."""
+    negative-prompt line, then comma-separated `Key: value` pairs in AUTOMATIC1111's order.
+    `denoising_strength` is written for img2img only, `clip_skip` (A1111's numbering) above 1 only."""
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
-    lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance:g}, Seed: {seed}, "
-                 f"Size: {width}x{height}, Model: {model}")
+    fields = [f"Steps: {steps}", f"Sampler: {sampler}", f"CFG scale: {guidance:g}", f"Seed: {seed}",
+              f"Size: {width}x{height}", f"Model: {model}"]
+    if denoising_strength is not None:
+        fields.append(f"Denoising strength: {denoising_strength:g}")
+    if clip_skip > 1:
+        fields.append(f"Clip skip: {clip_skip}")
+    lines.append(", ".join(fields))
     return "\n".join(lines)
 
 
@@ -189,13 +199,14 @@ def generate(args: argparse.Namespace) -> int:
         raise InputError(f"--seed: must lie in [0, {MAX_SEED - args.num_images}], got {seed}")
     paths = output_paths(args.output, args.num_images)
     check_writable(paths, args.overwrite)
-    check_device(args.device)
-    dtype = resolve_dtype(args.dtype, args.device)
+    device = resolve_device(args.device)
+    check_device(device)
+    dtype = resolve_dtype(args.dtype, device)
     model = find_model(args.model)
 
     extra = {"safety_checker": None} if args.no_safety_checker else {}
     levers = SpeedLevers.none() if args.no_levers else SpeedLevers()
-    pipe = Pipeline.from_pretrained(model, device=args.device, dtype=dtype, compile=args.compile,
+    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, compile=args.compile,
                                     levers=levers, **extra)
     width, height = args.size or (args.width, args.height)
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(args.num_images)]
@@ -212,6 +223,17 @@ def generate(args: argparse.Namespace) -> int:
         note = " (blacked out: the safety checker flagged it)" if flagged[i] else ""
         print(f"wrote {path}{note}")
     return 0
+
+
+def resolve_device(name: str) -> str:
+    """--device auto: CUDA when available, then Apple's MPS, else the CPU."""
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def check_device(name: str) -> None:

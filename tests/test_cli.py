@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from minisd import __version__
-from minisd.cli import find_model, main
+from minisd.cli import find_model, generation_parameters, main, resolve_device
 from minisd.errors import CheckpointError
 
 FAST = ["--steps", "2", "--size", "64x64", "--quiet", "--dtype", "float32"]
@@ -18,7 +18,7 @@ FAST = ["--steps", "2", "--size", "64x64", "--quiet", "--dtype", "float32"]
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "minisd", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+                          env={**os.environ, **(env or {})}, timeout=300, check=False)
 
 
 def test_version_and_help():
@@ -26,6 +26,7 @@ def test_version_and_help():
     assert out.returncode == 0 and out.stdout.strip() == f"minisd {__version__}"
     out = run("generate", "--help")
     assert out.returncode == 0 and "--negative" in out.stdout and "--overwrite" in out.stdout
+    assert "default auto" in " ".join(out.stdout.split())
 
 
 def test_generate_writes_png_with_parameters(tiny_legacy, tmp_path):
@@ -56,7 +57,7 @@ def test_short_options_as_in_stable_diffusion_cpp(tiny_current, tmp_path, caplog
     for i in range(2):
         s, l = Image.open(tmp_path / f"s-{i}.png"), Image.open(tmp_path / f"l-{i}.png")
         assert s.size == (48, 64) and np.array_equal(np.asarray(s), np.asarray(l))
-        assert s.text["parameters"].startswith(f"a cat\nNegative prompt: a dog\nSteps: 2, ") and f"Seed: {7 + i}," in s.text["parameters"]
+        assert s.text["parameters"].startswith("a cat\nNegative prompt: a dog\nSteps: 2, ") and f"Seed: {7 + i}," in s.text["parameters"]
     assert "-n is the negative prompt" not in caplog.text
     assert main(["generate", "a cat", "-o", str(tmp_path / "n.png"), "-n", "2", "-m", str(tiny_current),
                  "--steps", "1", "--size", "64x64", "--quiet"]) == 0  # -n 2 meant as a count, once
@@ -164,7 +165,32 @@ def test_no_model_anywhere_says_how_to_get_weights(tmp_path, monkeypatch):
 
 def test_dtype_auto():
     import torch
+
     from minisd.cli import cpu_has_native_bf16, resolve_dtype
     assert resolve_dtype("auto", "cuda") == torch.float16
     assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert resolve_dtype("float32", "cuda") == torch.float32
+
+
+def test_device_auto(monkeypatch):
+    """CUDA when available, then MPS, else the CPU; a named device is kept as is."""
+    import torch
+    if not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        assert resolve_device("auto") == "cpu"  # this machine
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"
+    for cuda, mps, expected in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
+        assert resolve_device("auto") == expected
+
+
+def test_generation_parameters_img2img_and_clip_skip_fields():
+    """A1111's field names and order: Denoising strength, then Clip skip, after Model."""
+    head = "a cat\nSteps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 1, Size: 70x45, Model: m"
+    args = ("a cat", "", 20, "DPM++ 2M", 7.0, 1, 70, 45, "m")
+    assert generation_parameters(*args) == head
+    assert generation_parameters(*args, clip_skip=1) == head  # 1 is the last layer: the default, not written
+    assert generation_parameters(*args, denoising_strength=0.75, clip_skip=2) == \
+        head + ", Denoising strength: 0.75, Clip skip: 2"
+    assert generation_parameters(*args, denoising_strength=1.0) == head + ", Denoising strength: 1"
+    assert generation_parameters(*args, clip_skip=3) == head + ", Clip skip: 3"
