@@ -174,14 +174,19 @@ class CLIPTokenizer:
         length = length if type(length) is int and 2 < length <= 10_000 else MAX_LENGTH
         return cls(vocab, merges, special, added, length)
 
-    def _encode(self, prompts: str | list[str]) -> list[list[int]]:
-        """Token ids of each prompt, without bos/eos and untruncated."""
-        return [e.ids for e in self._tokenizer.encode_batch(check_prompts(prompts), add_special_tokens=False)]
+    def encode_without_special(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without bos/eos and untruncated (A1111 tokenizes the weighted
+        fragments of a prompt this way, see prompt_syntax.py)."""
+        return [e.ids for e in self._tokenizer.encode_batch(check_prompts(texts, "texts"), add_special_tokens=False)]
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token string such as ",</w>" (a whole-word comma), None if it has none."""
+        return self._tokenizer.token_to_id(token)
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         """LongTensor [B, model_max_length]: bos, the first model_max_length - 2 tokens, eos, pads."""
         keep, rows = self.model_max_length - 2, []
-        for ids in self._encode(prompts):
+        for ids in self.encode_without_special(check_prompts(prompts)):
             row = [self.bos_token_id, *ids[:keep], self.eos_token_id]
             rows.append(row + [self.pad_token_id] * (self.model_max_length - len(row)))
         return torch.tensor(rows, dtype=torch.long)
@@ -189,7 +194,8 @@ class CLIPTokenizer:
     def truncated_text(self, prompts: str | list[str]) -> list[str]:
         """The text each prompt lost to truncation ("" if none), decoded as diffusers does for its
         "the following part of your input was truncated" warning."""
-        return [self.decode(ids[self.model_max_length - 2:]) for ids in self._encode(prompts)]
+        encoded = self.encode_without_special(check_prompts(prompts))
+        return [self.decode(ids[self.model_max_length - 2:]) for ids in encoded]
 
     def decode(self, ids: list[int]) -> str:
         """Token ids -> text. Lossy: lower-cased, whitespace normalized, each "</w>" becomes a space."""
