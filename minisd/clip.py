@@ -76,8 +76,8 @@ class CLIPEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, causal: bool, skip_last: int = 0) -> torch.Tensor:
+        for layer in self.layers[:len(self.layers) - skip_last]:
             x = layer(x, causal)
         return x
 
@@ -100,7 +100,13 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """`text_encoder(ids [B, T]) -> last hidden state [B, T, hidden]`, T <= 77."""
+    """`text_encoder(ids [B, T]) -> last hidden state [B, T, hidden]`, T <= 77.
+
+    `clip_skip=k` stops k layers before the last and applies the final layer norm to that
+    hidden state, diffusers' `clip_skip` (AUTOMATIC1111's "Clip skip" k + 1): models fine-tuned
+    on the penultimate layer's features want k = 1. Stopping early equals taking transformers'
+    `hidden_states[-(k + 1)]`: hidden state j is the output of the first j layers.
+    """
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
@@ -109,11 +115,12 @@ class CLIPTextModel(nn.Module):
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
         self._check_ids(input_ids)
+        skip = check_clip_skip(clip_skip, self.config.num_hidden_layers)
         # Each token sees only itself and earlier tokens: CLIP's text tower is causal, so
         # padding after the end token does not change the states before it.
-        x = self.encoder(self.embeddings(input_ids), causal=True)
+        x = self.encoder(self.embeddings(input_ids), causal=True, skip_last=skip)
         return self.final_layer_norm(x)
 
     def _check_ids(self, ids: torch.Tensor) -> None:
@@ -126,6 +133,17 @@ class CLIPTextModel(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= c.vocab_size):
             raise InputError(f"text_encoder: token ids must lie in [0, {c.vocab_size}), "
                              f"got [{int(ids.min())}, {int(ids.max())}]")
+
+
+def check_clip_skip(clip_skip, num_layers: int) -> int:
+    """clip_skip as an int in [0, num_layers]; None is 0. diffusers allows num_layers too: then
+    no layer runs and the token embeddings themselves are normalized."""
+    if clip_skip is None:
+        return 0
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip <= num_layers:
+        raise InputError(f"clip_skip: must be an integer from 0 to {num_layers} (this text encoder has "
+                         f"{num_layers} layers; 1 = the penultimate layer), got {clip_skip!r}")
+    return clip_skip
 
 
 class CLIPVisionEmbeddings(nn.Module):

@@ -74,6 +74,7 @@ class DPMSolverMultistep:
         self.timesteps: torch.Tensor | None = None
         self.sigmas: torch.Tensor | None = None  # float32, CPU, one more than timesteps
         self._step_index: int | None = None
+        self._begin_index: int | None = None
         self._x0_history: list[torch.Tensor] = []
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
@@ -107,8 +108,24 @@ class DPMSolverMultistep:
         sigma_last = self.train_sigmas[0] if c.final_sigmas_type == "sigma_min" else 0.0
         self.sigmas = torch.from_numpy(np.append(sigmas, sigma_last).astype(np.float32))
         self.timesteps = torch.from_numpy(timesteps.astype(np.int64)).to(device)
-        self._step_index = None
+        self._step_index = self._begin_index = None
         self._x0_history = []
+
+    def set_begin_index(self, index: int) -> None:
+        """Start the next `step` calls at `timesteps[index]` rather than at the first (img2img
+        skips the noisiest steps). diffusers' name; reset by set_timesteps."""
+        if self.timesteps is None or not 0 <= index < len(self.timesteps):
+            raise InputError(f"set_begin_index({index}): outside the schedule of "
+                             f"{0 if self.timesteps is None else len(self.timesteps)} steps")
+        self._begin_index = index
+
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
+        """x_t = alpha_t * x_0 + sigma_t * eps at the noise level of `timesteps[index]`: a clean
+        sample noised to where step `index` starts (img2img's starting latents). Computed in the
+        sample's dtype, as diffusers' add_noise does."""
+        sigma = self.sigmas[index].to(device=original.device, dtype=original.dtype)
+        alpha_t, sigma_t = _alpha_sigma(sigma)
+        return alpha_t * original + sigma_t * noise
 
     def _spaced_timesteps(self, n: int) -> np.ndarray:
         """The n timesteps of `timestep_spacing`, highest first, as float64 integers."""
@@ -153,7 +170,9 @@ class DPMSolverMultistep:
         in the dtype of the x0 prediction (the promoted dtype of model_output and sample)."""
         if self.timesteps is None:
             raise InputError("DPMSolverMultistep.step called before set_timesteps")
-        if self._step_index is None:  # first step: may start mid-schedule (img2img)
+        if self._step_index is None and self._begin_index is not None:
+            self._step_index = self._begin_index
+        elif self._step_index is None:  # first step: found by its timestep, so it may start mid-schedule
             hits = (self.timesteps.cpu() == int(timestep)).nonzero()
             if len(hits) == 0:
                 raise InputError(f"timestep {int(timestep)} is not in the schedule {self.timesteps.tolist()}")

@@ -141,16 +141,19 @@ class CachedCrossAttention(_Swapped, Attention):
     computed once instead of projecting the same text at every step."""
 
     def _setup(self) -> None:
-        self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.kv_context: torch.Tensor | None = None  # the context they were computed from
+        self.kv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (context, keys, values)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kv is None:
+        if not self.kv:
             return super().forward(x, context)
-        if not torch.compiler.is_compiling() and context is not self.kv_context:
-            raise RuntimeError("text_kv_cached: the UNet was called with another text context than the "
-                               "one its keys and values were computed from")
-        return self.attend(self.to_q(x), *self.kv)
+        compiling = torch.compiler.is_compiling()
+        for cached, k, v in self.kv:
+            # Compiled code cannot test identity; the contexts of one block differ in shape
+            # (contexts of one shape run as one batch).
+            if (context.shape == cached.shape) if compiling else (context is cached):
+                return self.attend(self.to_q(x), k, v)
+        raise RuntimeError("text_kv_cached: the UNet was called with another text context than the "
+                           "ones its keys and values were computed from")
 
 
 # The residual adds, x + F(x), with x added into F(x)'s own fresh tensor rather than into a new
@@ -184,18 +187,19 @@ IN_PLACE = {ResnetBlock2D: InPlaceResidualBlock, Transformer2DModel: InPlaceTran
 
 
 @contextmanager
-def text_kv_cached(unet: nn.Module, context: torch.Tensor) -> Iterator[None]:
-    """Within the block, the UNet's cross-attention layers use the keys and values of
-    `context` (the text, [B, 77, D]) computed here, once. A no-op for a UNet without
-    `CachedCrossAttention` layers (the lever switched off)."""
+def text_kv_cached(unet: nn.Module, *contexts: torch.Tensor) -> Iterator[None]:
+    """Within the block, the UNet's cross-attention layers use the keys and values of each of
+    `contexts` (the text, [B, T, D]; two when the conditional and unconditional passes run
+    apart) computed here, once. A no-op for a UNet without `CachedCrossAttention` layers (the
+    lever switched off)."""
     layers = [m for m in unet.modules() if isinstance(m, CachedCrossAttention)]
-    if any(layer.kv is not None for layer in layers):
+    if any(layer.kv for layer in layers):
         raise RuntimeError("text_kv_cached: this UNet is already inside a text_kv_cached block "
                            "(one generation at a time per model)")
     for layer in layers:
-        layer.kv, layer.kv_context = (layer.to_k(context), layer.to_v(context)), context
+        layer.kv = [(context, layer.to_k(context), layer.to_v(context)) for context in contexts]
     try:
         yield
     finally:
         for layer in layers:
-            layer.kv = layer.kv_context = None
+            layer.kv = []

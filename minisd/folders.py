@@ -14,6 +14,7 @@ What is inside each component folder is checkpoint.py's business.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,56 @@ def hub_cache() -> Path:
     return Path(home) / "hub"
 
 
-def cache_entry(repo_id: str) -> Path:
+# A hub repository id, "owner/name": letters, digits, "-", "_" and "." (the hub's own rule).
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def cache_entry(repo_id: str, cache_dir: str | Path | None = None) -> Path:
     """The cache folder of a hub repository: "OFA-Sys/small-stable-diffusion-v0" ->
     <hub cache>/models--OFA-Sys--small-stable-diffusion-v0."""
-    return hub_cache() / ("models--" + repo_id.replace("/", "--"))
+    root = Path(cache_dir).expanduser() if cache_dir is not None else hub_cache()
+    return root / ("models--" + repo_id.replace("/", "--"))
+
+
+def resolve_pretrained(name: str | Path, cache_dir: str | Path | None = None, revision: str | None = None) -> Path:
+    """What `from_pretrained` was given -> a folder: an existing folder as is, else a hub id
+    ("OFA-Sys/small-stable-diffusion-v0") looked up in the local Hugging Face cache, the
+    snapshot `revision` names (a branch or tag under refs/, or a commit hash; default main).
+    Nothing is ever downloaded."""
+    path = Path(name).expanduser()
+    if path.exists() or not REPO_ID.fullmatch(str(name)):
+        if revision is not None and not path.exists():
+            raise CheckpointError(f"revision={revision!r} needs a hub id such as "
+                                  f"'OFA-Sys/small-stable-diffusion-v0', got {str(name)!r}")
+        return path  # find_model_folder says what is wrong with it, if anything
+    entry = cache_entry(str(name), cache_dir)
+    snapshot = newest_snapshot(entry) if revision is None else named_snapshot(entry, revision)
+    if snapshot is None:
+        wanted = "" if revision is None else f" at revision {revision!r}"
+        raise CheckpointError(
+            f"{name}{wanted}: no such folder, and not in the Hugging Face cache (looked in {entry}). "
+            f"minisd never downloads; fetch it once with `huggingface-cli download {name}"
+            f"{'' if revision is None else ' --revision ' + revision}` (or `hf download {name}`), "
+            "or pass the model's folder")
+    return snapshot
+
+
+def named_snapshot(entry: Path, revision: str) -> Path | None:
+    """The snapshot of a commit hash, or of the ref (branch, tag) `revision` names."""
+    ref = entry / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = entry / "snapshots" / commit
+    return snapshot if commit and "/" not in commit and snapshot.is_dir() else None
+
+
+def model_name(folder: Path) -> str:
+    """A name for the model in a folder: the repository's name for a cache snapshot
+    (.../models--OFA-Sys--small-stable-diffusion-v0/snapshots/<hash> -> small-stable-diffusion-v0),
+    else the folder's name."""
+    entry = folder.parent.parent
+    if folder.parent.name == "snapshots" and entry.name.startswith("models--"):
+        return entry.name.split("--")[-1]
+    return folder.name
 
 
 def newest_snapshot(entry: Path, holding: str = "model_index.json") -> Path | None:

@@ -1,5 +1,5 @@
-"""Guards and feedback around a generation, kept out of the pipeline's story: NaN/inf checks,
-a memory check before allocating, and the progress bar.
+"""Guards and feedback around a generation, kept out of the pipeline's story: device and dtype
+checks, NaN/inf checks, a memory check before allocating, and the progress bar.
 
 Each guard turns a failure that torch would report late, deep or not at all (a black image
 from a NaN, a machine swapping to a halt, a silent minute) into a clear message or a line
@@ -13,7 +13,34 @@ from pathlib import Path
 
 import torch
 
-from .errors import MinisdError, ResourceError
+from .errors import InputError, MinisdError, ResourceError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_device(device, argument: str = "device") -> torch.device:
+    """A device this machine has, as a torch.device; refused before anything is loaded or moved
+    (torch would fail later and deeper, with an AssertionError or a RuntimeError)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"{argument}: {device!r:.80} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    backend = getattr(torch, device.type, None)  # torch.cpu, torch.cuda, torch.mps, torch.xpu
+    if not (hasattr(backend, "is_available") and backend.is_available()):
+        raise InputError(f"{argument}: {str(device)!r} is not available on this machine (or this torch build); "
+                         "try cpu")
+    if device.index is not None and hasattr(backend, "device_count") and device.index >= backend.device_count():
+        raise InputError(f"{argument}: {str(device)!r}: this machine has {backend.device_count()} "
+                         f"{device.type} device(s)")
+    return device
+
+
+def check_dtype(dtype, argument: str = "dtype") -> torch.dtype:
+    """A floating-point torch dtype the models can run in."""
+    if dtype not in FLOAT_DTYPES:
+        raise InputError(f"{argument}: expected one of torch.float32, torch.float16, torch.bfloat16, "
+                         f"got {dtype!r:.80}")
+    return dtype
 
 
 def check_finite(tensor: torch.Tensor, what: str, likely_cause: str) -> None:

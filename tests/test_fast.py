@@ -102,7 +102,7 @@ def test_cached_kv_refuses_another_context_and_is_cleared(tiny_current):
                 with text_kv_cached(unet, ctx):
                     pass
         layers = [m for m in unet.modules() if isinstance(m, CachedCrossAttention)]
-        assert layers and all(m.kv is None and m.kv_context is None for m in layers)
+        assert layers and all(m.kv == [] for m in layers)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
