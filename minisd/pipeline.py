@@ -29,7 +29,7 @@ from .errors import CheckpointError, InputError
 from .fast import SpeedLevers, apply_levers, text_kv_cached
 from .folders import find_model_folder, model_name, resolve_pretrained
 from .img2img import DEFAULT_STRENGTH, check_strength, prepare_images, resize_back
-from .runtime import ProgressBar, check_device, check_dtype, check_finite, check_memory
+from .runtime import ProgressBar, check_device, check_dtype, check_finite, check_memory, text_dtype_for
 from .safety import NOT_GIVEN, choose_safety_checker
 from .text_conditioning import check_prompt_syntax, check_text_inputs, encode_prompts
 from .tokenizer import CLIPTokenizer, check_prompts, load_tokenizer
@@ -45,12 +45,6 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 class PipelineOutput:
     images: Any  # list of PIL images, np [B,H,W,3] in [0,1], torch [B,3,H,W] in [0,1], or latents
     nsfw_content_detected: list[bool] | None  # None when no safety checker ran
-
-
-def text_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    # bfloat16 keeps 8 bits of mantissa: fine for the UNet's many steps, but the text context
-    # is computed once and steers all of them, so the encoder stays in float32.
-    return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
 class Pipeline:
@@ -77,15 +71,13 @@ class Pipeline:
                         revision: str | None = None, local_files_only: bool | None = None,
                         **components) -> "Pipeline":
         """Load every component of a diffusers pipeline folder, or of a hub id such as
-        "OFA-Sys/small-stable-diffusion-v0" found in the local Hugging Face cache (`cache_dir`,
-        else $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub; `revision` a branch, tag
-        or commit hash). Nothing is ever downloaded, so `local_files_only` is always true.
-        `torch_dtype` is diffusers' name for `dtype` (default float32).
-        Pass a component by keyword (`safety_checker=None`, `unet=my_unet`) to use it instead
-        of the folder's. `levers` picks the speed levers of fast.py (`SpeedLevers.none()`: the
-        models exactly as written), applied to the UNet and VAE, the folder's or those passed in
-        (which are changed in place); a Pipeline built by hand gets none. `compile=True` (or a
-        torch.compile mode) compiles the UNet and VAE decoder. One generation at a time per Pipeline."""
+        "OFA-Sys/small-stable-diffusion-v0" in the local Hugging Face cache (folders.py; never
+        downloaded, so `local_files_only` is always true). `torch_dtype` is diffusers' name for
+        `dtype` (default float32). A component passed by keyword (`safety_checker=None`,
+        `unet=my_unet`) replaces the folder's. `levers`: the speed levers of fast.py applied to
+        the UNet and VAE, those passed in too (changed in place); `SpeedLevers.none()` runs the
+        models as written. `compile=True` (or a torch.compile mode) compiles the UNet and VAE
+        decoder. One generation at a time per Pipeline."""
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise InputError(f"from_pretrained: dtype={dtype} and torch_dtype={torch_dtype} disagree; give one")
         dtype = check_dtype(dtype or torch_dtype or torch.float32, "torch_dtype" if torch_dtype else "dtype")
@@ -187,7 +179,8 @@ class Pipeline:
         says how sizes that are not multiples of 8 are handled. `strength` (default 0.8 with an
         image) in (0, 1]: the share of the steps that run, from an image noised that far.
         `prompt_embeds` / `negative_prompt_embeds`: precomputed contexts [B, T, D] instead of
-        the text. `clip_skip`: diffusers' (1 = the penultimate layer). `prompt_syntax`: "plain"
+        the text. `clip_skip`: diffusers' (1 = the penultimate layer; the prompt's only, as in
+        diffusers, except in the "a1111" syntax, where the negative prompt's too). `prompt_syntax`: "plain"
         (diffusers': 77 tokens at most) or "a1111" (AUTOMATIC1111's (word:1.2), [word], BREAK,
         any length; text_conditioning.py)."""
         check_prompt_syntax(prompt_syntax)
@@ -226,8 +219,10 @@ class Pipeline:
 
         # 1. text -> contexts [n, T, D]: the conditional one, and with guidance the unconditional
         cond = self._context(prompts, prompt_embeds, num_images_per_prompt, clip_skip, prompt_syntax)
-        uncond = (self._context(negatives, negative_prompt_embeds, num_images_per_prompt, clip_skip, prompt_syntax)
-                  if use_cfg else None)
+        # Quirk: diffusers' clip_skip leaves the negative prompt on the last layer; A1111 skips both.
+        negative_skip = clip_skip if prompt_syntax == "a1111" else None
+        uncond = (self._context(negatives, negative_prompt_embeds, num_images_per_prompt, negative_skip,
+                                prompt_syntax) if use_cfg else None)
 
         # 2. starting latents [n, 4, height/8, width/8]: noise, or the image noised to step `start`
         if init is None:

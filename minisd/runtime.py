@@ -43,6 +43,13 @@ def check_dtype(dtype, argument: str = "dtype") -> torch.dtype:
     return dtype
 
 
+def text_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The text encoder's dtype in a pipeline of `dtype`. bfloat16 keeps 8 bits of mantissa:
+    fine for the UNet's many steps, but the text context is computed once and steers all of
+    them, so the encoder stays in float32."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
 def check_finite(tensor: torch.Tensor, what: str, likely_cause: str) -> None:
     """Never hand back a silently black or grey image: NaN/inf stops the run, saying where."""
     if not torch.isfinite(tensor).all():

@@ -477,7 +477,7 @@ def test_prompt_over_77_tokens_warns_naming_what_was_cut(pipe, caplog):
 #  exit code, regex of the one line printed). The cases before the last five fail before loading.
 CLI_CASES = [
     ("no prompt", [], 2, r"minisd generate: the following arguments are required: prompt"),
-    ("unknown option", ["x", "--strength", "0.5"], 2, r"minisd: unrecognized arguments: --strength 0.5"),
+    ("unknown option", ["x", "--frobnicate", "0.5"], 2, r"minisd: unrecognized arguments: --frobnicate 0.5"),
     ("steps not a number", ["x", "--steps", "ten"], 2, r"argument --steps: invalid int value: 'ten'"),
     ("guidance not a number", ["x", "--guidance", "high"], 2, r"argument --guidance: invalid float value: 'high'"),
     ("size with three numbers", ["x", "--size", "64x64x64"], 2,

@@ -479,7 +479,7 @@ BAD_CASES = {
         dict(prompt_embeds=torch.zeros(2, 77, D), negative_prompt_embeds=torch.zeros(3, 77, D)),
         "negative_prompt_embeds"),
     **{f"clip_skip {value!r}": (dict(prompt="a cat", clip_skip=value), "^clip_skip")
-       for value in (-1, 1.0, 1.5, True, "1", 2, 12)},  # the tiny encoder has 2 layers: 0 or 1
+       for value in (-1, 1.0, 1.5, True, "1", 3, 12)},  # the tiny encoder has 2 layers: 0 to 2
     **{f"prompt_syntax {value!r}": (dict(prompt="a cat", prompt_syntax=value), "prompt_syntax")
        for value in ("compel", "", "A1111 ", 1)},
 }
@@ -495,8 +495,10 @@ def test_bad_text_inputs(ours_current, case):
 def test_clip_skip_limit_follows_the_encoder_depth(three_layers):
     ours, _ = three_layers
     ours("a cat", clip_skip=2, num_inference_steps=1, output_type="latent")  # allowed with 3 layers
-    with pytest.raises(InputError, match="^clip_skip"):
-        ours("a cat", clip_skip=3, num_inference_steps=1, output_type="latent")
+    # As in diffusers, clip_skip may equal the layer count: the embeddings alone, normalized.
+    ours("a cat", clip_skip=3, num_inference_steps=1, output_type="latent")
+    with pytest.raises(InputError, match="^clip_skip: must be an integer from 0 to 3"):
+        ours("a cat", clip_skip=4, num_inference_steps=1, output_type="latent")
 
 
 @pytest.mark.parametrize("kwargs", [
