@@ -1,6 +1,7 @@
 """The `minisd` command.
 
     minisd generate "an apple, 4k" -o apple.png --steps 25 -s 42 -n "blurry" -b 2
+    minisd generate "an apple, oil painting" --init-image photo.jpg --strength 0.6 -o painted.png
 
 Usage and input errors print one line and exit 2; other failures print one line and exit 1;
 `--debug` shows the traceback instead. No existing file is overwritten without --overwrite,
@@ -15,6 +16,7 @@ import os
 import random
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -25,6 +27,7 @@ HUB_REPO = "OFA-Sys/small-stable-diffusion-v0"
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "minisd-shapes"
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEFAULT_STRENGTH = 0.8  # img2img, as the pipeline's (and diffusers') default
 
 GET_WEIGHTS = ("no model found. Download OFA-Sys/small-stable-diffusion-v0 (e.g. `huggingface-cli "
                "download OFA-Sys/small-stable-diffusion-v0`) and pass its folder with --model or "
@@ -62,8 +65,21 @@ def build_parser() -> ArgumentParser:
     gen.add_argument("-W", "--width", type=int, help="image width (default: the model's; or use --size)")
     gen.add_argument("-H", "--height", type=int, help="image height (default: the model's; or use --size)")
     gen.add_argument("-b", "--num-images", type=int, default=1, help="images to generate (default 1)")
-    gen.add_argument("-m", "--model", type=Path, help="diffusers pipeline folder (default: $MINISD_MODEL, the "
-                     "Hugging Face cache, then the embedded model)")
+    gen.add_argument("--init-image", type=Path, metavar="PATH",
+                     help="img2img: start from this image (any size and mode); the output has its size "
+                          "unless --size/-W/-H are given")
+    gen.add_argument("--strength", type=float, metavar="S",
+                     help=f"img2img: how much of the init image to redraw, in (0, 1] (default {DEFAULT_STRENGTH})")
+    gen.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                     help="use the text encoder's N-th layer from the end, as in AUTOMATIC1111: "
+                          "1 = the last (default), 2 = the penultimate, ...")
+    gen.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
+                     help="a1111 (default): (word:1.2) emphasis, [word], BREAK and prompts of any length, as "
+                          "AUTOMATIC1111 and stable-diffusion.cpp read them; plain: the text as is, cut at "
+                          "77 tokens, as diffusers reads it")
+    gen.add_argument("-m", "--model", help="diffusers pipeline folder, or a hub id (org/name) read from "
+                     "the Hugging Face cache (default: $MINISD_MODEL, the Hugging Face cache, then the "
+                     "embedded model)")
     gen.add_argument("--device", default="auto",
                      help="auto, cpu, cuda, cuda:1, mps, ... (default auto: CUDA when available, then "
                           "Apple's MPS, else the CPU)")
@@ -89,9 +105,10 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def find_model(explicit: Path | None) -> Path:
-    """--model, else $MINISD_MODEL, else a Hugging Face cache snapshot of small-sd (read
-    without huggingface_hub), else the embedded model shipped in weights/."""
+def find_model(explicit: str | Path | None) -> str | Path:
+    """--model (a folder or a hub id, which Pipeline.from_pretrained resolves), else
+    $MINISD_MODEL, else a Hugging Face cache snapshot of small-sd (read without
+    huggingface_hub), else the embedded model shipped in weights/."""
     if explicit is not None:
         return explicit
     if os.environ.get("MINISD_MODEL"):
@@ -197,8 +214,13 @@ def generate(args: argparse.Namespace) -> int:
     seed = random.randrange(2**32) if args.seed is None else args.seed
     if not 0 <= seed <= MAX_SEED - args.num_images:
         raise InputError(f"--seed: must lie in [0, {MAX_SEED - args.num_images}], got {seed}")
+    strength = check_strength(args.strength, args.init_image is not None)
+    if args.clip_skip < 1:
+        raise InputError(f"--clip-skip: must be at least 1 (1 = the text encoder's last layer, 2 = the "
+                         f"penultimate, as in AUTOMATIC1111), got {args.clip_skip}")
     paths = output_paths(args.output, args.num_images)
     check_writable(paths, args.overwrite)
+    init_image = None if args.init_image is None else read_image(args.init_image)
     device = resolve_device(args.device)
     check_device(device)
     dtype = resolve_dtype(args.dtype, device)
@@ -210,19 +232,68 @@ def generate(args: argparse.Namespace) -> int:
                                     levers=levers, **extra)
     width, height = args.size or (args.width, args.height)
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(args.num_images)]
-    result = pipe(args.prompt, negative_prompt=args.negative, height=height, width=width,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  num_images_per_prompt=args.num_images, generator=generators, progress=not args.quiet)
+    try:
+        result = pipe(args.prompt, negative_prompt=args.negative, height=height, width=width,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      num_images_per_prompt=args.num_images, generator=generators, progress=not args.quiet,
+                      image=init_image, strength=strength, clip_skip=args.clip_skip - 1,
+                      prompt_syntax=args.prompt_syntax)
+    except InputError as e:
+        if not str(e).startswith("clip_skip"):
+            raise
+        # The pipeline counts as diffusers does (0 = the last layer, up to the layer count);
+        # say it in the option's terms.
+        layers = pipe.text_encoder.config.num_hidden_layers
+        raise InputError(f"--clip-skip: must lie in [1, {layers + 1}] for this model (its text encoder "
+                         f"has {layers} layers; 1 = the last), got {args.clip_skip}") from None
     if args.seed is None:
         print(f"seed: {seed}", file=sys.stderr)
     flagged = result.nsfw_content_detected or [False] * len(paths)
     for i, (image, path) in enumerate(zip(result.images, paths)):
         text = generation_parameters(args.prompt, args.negative, args.steps, pipe.scheduler.sampler_name,
-                                     args.guidance, seed + i, image.width, image.height, pipe.name)
+                                     args.guidance, seed + i, image.width, image.height, pipe.name,
+                                     denoising_strength=strength, clip_skip=args.clip_skip)
         save_png_atomically(image, path, text, args.overwrite)
         note = " (blacked out: the safety checker flagged it)" if flagged[i] else ""
         print(f"wrote {path}{note}")
     return 0
+
+
+def check_strength(strength: float | None, img2img: bool) -> float | None:
+    """--strength, or its default for img2img; None without --init-image."""
+    if not img2img:
+        if strength is not None:
+            raise InputError("--strength: applies to img2img only; give --init-image too")
+        return None
+    if strength is None:
+        return DEFAULT_STRENGTH
+    if not 0 < strength <= 1:  # also refuses nan
+        raise InputError(f"--strength: must lie in (0, 1] (how much of the init image to redraw), got {strength}")
+    return strength
+
+
+def read_image(path: Path):
+    """--init-image, decoded in full now, so that a missing, truncated or non-image file fails
+    in one line before the model loads rather than halfway through."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path.is_dir():
+        raise InputError(f"--init-image: {str(path)!r} is a folder; name an image file")
+    if not path.exists():
+        raise InputError(f"--init-image: {str(path)!r} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns, in several lines, about damage it then reports
+            with Image.open(path) as image:
+                image.load()
+                return image.copy()  # closing the file leaves the copy usable
+    except UnidentifiedImageError:
+        raise InputError(f"--init-image: {str(path)!r} is not an image file PIL can read "
+                         "(PNG, JPEG, WebP, ...)") from None
+    # What PIL's decoders raised on thousands of truncated and corrupted files of nine formats.
+    except (OSError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise InputError(f"--init-image: cannot read {str(path)!r}: {reason}") from None
 
 
 def resolve_device(name: str) -> str:

@@ -1,5 +1,7 @@
 """The `minisd` command end to end on a fixture folder: PNG written atomically with a readable
-`parameters` chunk, nothing overwritten, one-line errors with exit code 2 for bad input."""
+`parameters` chunk, nothing overwritten, one-line errors with exit code 2 for bad input;
+img2img, --clip-skip and --prompt-syntax give what the Pipeline gives for the same arguments."""
+import json
 import os
 import subprocess
 import sys
@@ -26,7 +28,8 @@ def test_version_and_help():
     assert out.returncode == 0 and out.stdout.strip() == f"minisd {__version__}"
     out = run("generate", "--help")
     assert out.returncode == 0 and "--negative" in out.stdout and "--overwrite" in out.stdout
-    assert "default auto" in " ".join(out.stdout.split())
+    for option in ("--init-image", "--strength", "--clip-skip", "--prompt-syntax", "default auto"):
+        assert option in " ".join(out.stdout.split()), option
 
 
 def test_generate_writes_png_with_parameters(tiny_legacy, tmp_path):
@@ -194,3 +197,145 @@ def test_generation_parameters_img2img_and_clip_skip_fields():
         head + ", Denoising strength: 0.75, Clip skip: 2"
     assert generation_parameters(*args, denoising_strength=1.0) == head + ", Denoising strength: 1"
     assert generation_parameters(*args, clip_skip=3) == head + ", Clip skip: 3"
+
+
+def test_default_strength_is_the_pipelines():
+    from minisd import cli, img2img
+    assert cli.DEFAULT_STRENGTH == img2img.DEFAULT_STRENGTH
+
+
+def write_image(path: Path, size=(70, 45), mode="RGB", seed=0) -> Path:
+    """A noise image of `size` (W, H), converted to `mode`."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_img2img_keeps_the_init_image_size(tiny_current, tmp_path, mode):
+    """An odd size (not a multiple of 8) comes back as it went in; the default strength is written."""
+    init = write_image(tmp_path / "init.png", (70, 45), mode)
+    out = tmp_path / "out.png"
+    assert main(["generate", "a cat", "--init-image", str(init), "-o", str(out), "-s", "1", "-m", str(tiny_current),
+                 "--steps", "2", "--quiet", "--dtype", "float32"]) == 0
+    image = Image.open(out)
+    assert image.size == (70, 45) and image.mode == "RGB"
+    assert image.text["parameters"].endswith(f"Size: 70x45, Model: {tiny_current.name}, Denoising strength: 0.8")
+
+
+def test_img2img_size_options_resize_the_init_image(tiny_current, tmp_path):
+    init = write_image(tmp_path / "init.png", (70, 45))
+    for name, size in (("a.png", ["--size", "48x64"]), ("b.png", ["-W", "48", "-H", "64"])):
+        assert main(["generate", "a cat", "--init-image", str(init), "-o", str(tmp_path / name), *size,
+                     "-m", str(tiny_current), "--steps", "2", "--quiet", "--strength", "0.5"]) == 0
+        image = Image.open(tmp_path / name)
+        assert image.size == (48, 64) and "Size: 48x64, " in image.text["parameters"]
+
+
+def test_clip_skip_written_above_1_only(tiny_current, tmp_path):
+    for n in (1, 2):
+        assert main(["generate", "a cat", "-o", str(tmp_path / f"{n}.png"), "--clip-skip", str(n),
+                     "-m", str(tiny_current), *FAST]) == 0
+    assert "Clip skip" not in Image.open(tmp_path / "1.png").text["parameters"]
+    assert Image.open(tmp_path / "2.png").text["parameters"].endswith(f"Model: {tiny_current.name}, Clip skip: 2")
+
+
+def test_cli_gives_what_the_pipeline_gives(tiny_current, tmp_path):
+    """img2img with --clip-skip 2 and each --prompt-syntax: the same pixels as Pipeline called
+    with the same arguments (clip_skip counted from 0) and the generators the CLI builds (one
+    CPU generator per image, seeds seed, seed+1, ...). The two syntaxes read "(red:1.5)"
+    differently, so a syntax that did not reach the pipeline would show."""
+    import torch
+
+    from minisd import Pipeline
+
+    init = write_image(tmp_path / "init.png", (70, 45), "RGBA")
+    prompt, negative, seed = "a (red:1.5) cat BREAK a [blue] dog", "blurry", 11
+    pipe = Pipeline.from_pretrained(tiny_current, dtype=torch.float32)
+    images = {}
+    for syntax in ("a1111", "plain", None):  # None: the default, a1111
+        out = tmp_path / f"{syntax}.png"
+        option = [] if syntax is None else ["--prompt-syntax", syntax]
+        assert main(["generate", prompt, "-n", negative, "--init-image", str(init), "--strength", "0.6",
+                     "--clip-skip", "2", "-b", "2", "-s", str(seed), "-o", str(out), "-m", str(tiny_current),
+                     "--steps", "3", "--quiet", "--dtype", "float32", "--device", "cpu", *option]) == 0
+        images[syntax] = [np.asarray(Image.open(tmp_path / f"{syntax}-{i}.png")) for i in range(2)]
+        if syntax is None:
+            continue
+        expected = pipe(prompt, negative_prompt=negative, image=Image.open(init), strength=0.6, clip_skip=1,
+                        prompt_syntax=syntax, num_images_per_prompt=2, num_inference_steps=3,
+                        generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(2)]).images
+        for got, want in zip(images[syntax], expected):
+            assert got.shape == (45, 70, 3) and np.array_equal(got, np.asarray(want))
+    assert all(np.array_equal(a, b) for a, b in zip(images[None], images["a1111"]))
+    assert not np.array_equal(images["a1111"][0], images["plain"][0])
+    text = Image.open(tmp_path / "a1111-1.png").text["parameters"]
+    assert text.startswith(f"{prompt}\nNegative prompt: {negative}\nSteps: 3, ") and f"Seed: {seed + 1}," in text
+    assert text.endswith(", Denoising strength: 0.6, Clip skip: 2")
+
+
+def test_model_as_a_hub_id_read_from_the_cache(tiny_current, tmp_path):
+    snapshot = tmp_path / "hub" / "models--someone--tiny-sd" / "snapshots" / "abc123"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(tiny_current, target_is_directory=True)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = run("generate", "a cat", "-o", str(tmp_path / "a.png"), "-m", "someone/tiny-sd", *FAST, env=env)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "a.png").size == (64, 64)
+    result = run("generate", "a cat", "-o", str(tmp_path / "b.png"), "-m", "someone/not-cached", *FAST, env=env)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "someone/not-cached" in result.stderr and not (tmp_path / "b.png").exists()
+
+
+def bad_inputs(folder: Path) -> dict[str, Path]:
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image\n")
+    png = write_image(folder / "whole.png").read_bytes()
+    (folder / "truncated.png").write_bytes(png[: len(png) // 2])
+    (folder / "a-folder.png").mkdir()
+    return {"missing": folder / "nope.png", "text": folder / "notes.txt", "truncated": folder / "truncated.png",
+            "folder": folder / "a-folder.png", "good": write_image(folder / "good.png")}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--init-image", "{missing}"], "--init-image: '{missing}' does not exist"),
+    (["--init-image", "{text}"], "--init-image: '{text}' is not an image file"),
+    (["--init-image", "{truncated}"], "--init-image: cannot read '{truncated}'"),
+    (["--init-image", "{folder}"], "--init-image: '{folder}' is a folder"),
+    (["--init-image", "{good}", "--strength", "0"], "--strength: must lie in (0, 1]"),
+    (["--init-image", "{good}", "--strength", "1.5"], "--strength: must lie in (0, 1]"),
+    (["--init-image", "{good}", "--strength", "nan"], "--strength: must lie in (0, 1]"),
+    (["--init-image", "{good}", "--strength", "much"], "invalid float value"),
+    (["--strength", "0.5"], "--strength: applies to img2img only; give --init-image"),
+    (["--clip-skip", "0"], "--clip-skip: must be at least 1"),
+    (["--clip-skip", "-1"], "--clip-skip: must be at least 1"),
+    (["--clip-skip", "1.5"], "invalid int value"),
+    (["--prompt-syntax", "comfy"], "invalid choice: 'comfy'"),
+])
+def test_bad_new_options_one_line_exit_2_before_loading(tmp_path, args, words):
+    """Checked before the model loads: the model folder named here does not exist, which
+    would be exit 1."""
+    files = bad_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [a.format(**files) for a in args]
+    result = run("generate", "x", *args, "-o", str(out / "x.png"), "--model", str(tmp_path / "no-model"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("minisd: error:") and words.format(**files) in lines[0], lines
+    assert not list(out.iterdir())
+
+
+def test_clip_skip_too_large_for_the_model(tiny_current, tmp_path):
+    layers = json.loads((tiny_current / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
+    assert main(["generate", "x", "-o", str(tmp_path / "ok.png"), "--clip-skip", str(layers + 1),
+                 "-m", str(tiny_current), *FAST]) == 0  # the token embeddings, before any layer
+    (tmp_path / "ok.png").unlink()
+    for n in (layers + 2, 10**30):
+        result = run("generate", "x", "-o", str(tmp_path / "x.png"), "--clip-skip", str(n),
+                     "-m", str(tiny_current), *FAST)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0] == (f"minisd: error: --clip-skip: must lie in [1, {layers + 1}] for this model "
+                            f"(its text encoder has {layers} layers; 1 = the last), got {n}")
+    assert not list(tmp_path.iterdir())
