@@ -202,6 +202,7 @@ def generate(args: argparse.Namespace) -> int:
 
     from .fast import SpeedLevers
     from .pipeline import Pipeline
+    from .runtime import check_device
 
     if args.num_images < 1:
         raise InputError(f"-b/--num-images: must be at least 1, got {args.num_images}")
@@ -222,7 +223,7 @@ def generate(args: argparse.Namespace) -> int:
     check_writable(paths, args.overwrite)
     init_image = None if args.init_image is None else read_image(args.init_image)
     device = resolve_device(args.device)
-    check_device(device)
+    check_device(device, "--device")  # before loading anything: torch would fail deep in the loader
     dtype = resolve_dtype(args.dtype, device)
     model = find_model(args.model)
 
@@ -305,23 +306,6 @@ def resolve_device(name: str) -> str:
     if torch.cuda.is_available():
         return "cuda"
     return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def check_device(name: str) -> None:
-    """Refuse a device this machine does not have before loading anything (torch would fail
-    later, deep inside the loader, with an AssertionError or RuntimeError)."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device: {name!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
-    backend = getattr(torch, device.type, None)  # torch.cpu, torch.cuda, torch.mps, torch.xpu
-    if not (hasattr(backend, "is_available") and backend.is_available()):
-        raise InputError(f"--device: {name!r} is not available on this machine (or this torch build); "
-                         "try --device cpu")
-    if device.index is not None and device.index >= backend.device_count():
-        raise InputError(f"--device: {name!r}: this machine has {backend.device_count()} {device.type} device(s)")
 
 
 def resolve_dtype(name: str, device: str):

@@ -153,11 +153,12 @@ def test_scheduler_step_counts_the_pipeline_accepts_for_sd(n):
 
 OPTIONS = ["generate", "-o", "--output", "-n", "--negative", "--steps", "--guidance", "-s", "--seed", "--size",
            "-W", "--width", "-H", "--height", "-b", "--num-images", "-m", "--model", "--device", "--dtype",
-           "--compile", "--no-levers", "--no-safety-checker",
-           "--overwrite", "--quiet", "--debug", "--", "-", "--steps=3", "--size=64x64", "-b2", "-ncat", "-oout.png",
+           "--compile", "--no-levers", "--no-safety-checker", "--init-image", "--strength", "--clip-skip",
+           "--prompt-syntax", "--overwrite", "--quiet", "--debug", "--", "-", "--steps=3", "--size=64x64", "-b2", "-ncat", "-oout.png",
            "--neg", "--ov", "--no", "--d"]
 VALUES = ["", "x", "a cat", "0", "-1", "25", "7.5", "nan", "inf", "1e3", "64x64", "512X768", "64x", "x64",
-          "0x0", "-64x64", "out.png", "float16", "auto", "cpu", "cuda:1", "99999999999999999999999999"]
+          "0x0", "-64x64", "out.png", "float16", "auto", "cpu", "cuda:1", "99999999999999999999999999", "a1111",
+          "plain", "0.8", "in.png"]
 
 
 def asks_for_help_or_version(token: str) -> bool:
@@ -182,6 +183,8 @@ def test_cli_parsing_returns_a_namespace_or_a_usage_error(argv):
         assert isinstance(args.prompt, str) and isinstance(args.steps, int) and isinstance(args.guidance, float)
         assert args.size is None or (isinstance(args.size, tuple) and all(isinstance(v, int) for v in args.size))
         assert args.seed is None or isinstance(args.seed, int)
+        assert args.strength is None or isinstance(args.strength, float)
+        assert isinstance(args.clip_skip, int) and args.prompt_syntax in ("a1111", "plain")
 
 
 @settings(max_examples=200, deadline=None)
