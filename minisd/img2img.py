@@ -14,6 +14,7 @@ https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/pipelines/st
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,8 +63,16 @@ def prepare_images(image, height: int | None, width: int | None, factor: int) ->
 
 def _as_list(image) -> list:
     """One list of PIL images or one list of [1,3,H,W] tensors, checked."""
+    if isinstance(image, np.ndarray):  # [H,W,3] or [B,H,W,3] in [0, 1], as diffusers takes arrays
+        if image.ndim not in (3, 4) or not np.issubdtype(image.dtype, np.floating):
+            raise InputError(f"image: a numpy array must be float [H,W,3] or [B,H,W,3] in [0, 1], "
+                             f"got {image.dtype} of shape {image.shape}")
+        image = torch.from_numpy(np.ascontiguousarray(image)).movedim(-1, -3)
     if isinstance(image, torch.Tensor):
         return list(_check_tensor(image).split(1))
+    if not isinstance(image, (list, tuple, Image.Image)):
+        raise InputError(f"image: expected a PIL image, a list of them, or a float tensor [B,3,H,W] in "
+                         f"[0, 1], got {type(image).__name__}")
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     if not images:
         raise InputError("image: an empty list; give a PIL image, a list of them, or a tensor [B,3,H,W]")
@@ -90,8 +99,9 @@ def _check_tensor(t: torch.Tensor, name: str = "image") -> torch.Tensor:
                          "images by 255)")
     if t.dim() == 3:
         t = t.unsqueeze(0)
-    if t.dim() != 4 or t.shape[1] != 3 or t.shape[0] == 0:
-        raise InputError(f"{name}: expected a tensor [B,3,H,W] or [3,H,W] of RGB images, got shape {tuple(t.shape)}")
+    if t.dim() != 4 or t.shape[1] != 3 or t.numel() == 0:
+        raise InputError(f"{name}: expected a tensor [B,3,H,W] or [3,H,W] of RGB images (B, H, W > 0), "
+                         f"got shape {tuple(t.shape)}")
     t = t.detach().to("cpu", torch.float32)
     if not torch.isfinite(t).all():
         raise InputError(f"{name}: holds NaN or infinity")
@@ -122,23 +132,24 @@ def resize_back(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized.clamp(0, 1).to(images.dtype)
 
 
-def check_strength(strength, steps: int) -> int:
+def check_strength(strength, steps: int, max_steps: int = 1000) -> int:
     """The index of the first of `steps` scheduled steps that img2img runs. The last
     min(int(steps * strength), steps) steps run (diffusers' get_timesteps, float rounding
-    included: int(10 * 0.29) is 2)."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+    included: int(10 * 0.29) is 2). `max_steps`: the most steps the scheduler allows."""
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength) \
             or not 0 < strength <= 1:
         raise InputError(f"strength: must be a number in (0, 1] (1 starts from pure noise; 0.8 is "
-                         f"typical), got {strength!r}")
+                         f"typical), got {strength!r:.80}")
+    strength = float(strength)
     kept = min(int(steps * strength), steps)
     if kept < 1:
         least = math.ceil(1e4 / steps) / 1e4  # the smallest 4-decimal strength that keeps a step
         while int(steps * least) < 1:
             least += 1e-4
-        more = math.ceil(1 / strength)
-        while int(more * strength) < 1:
-            more += 1
+        advice = f"use a strength of at least {least:.4g}"
+        more = next((m for m in range(steps + 1, max_steps + 1) if int(m * strength) >= 1), None)
+        if more is not None:
+            advice += f", or at least {more} steps"
         raise InputError(f"strength: {strength!r} of {steps} steps leaves no step to run "
-                         f"(int({steps} * {strength!r}) = 0); use a strength of at least {least:.4g}, "
-                         f"or at least {more} steps")
+                         f"(int({steps} * {strength!r}) = 0); {advice}")
     return steps - kept

@@ -211,7 +211,7 @@ class Pipeline:
         self._check_numbers(guidance_scale, num_images_per_prompt, guidance_rescale, output_type)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)  # checks the step count
         start = 0 if init is None else check_strength(DEFAULT_STRENGTH if strength is None else strength,
-                                                      num_inference_steps)
+                                                      num_inference_steps, self.scheduler.config.num_train_timesteps)
         batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         n = batch * num_images_per_prompt
         check_memory(n, height, width, self.dtype, self.device)

@@ -86,6 +86,8 @@ def as_rgb(image):
 def input_size(image) -> tuple[int, int]:
     """(height, width) of the (first) input image."""
     first = image[0] if isinstance(image, list) else image
+    if isinstance(first, np.ndarray):  # [H, W, 3]
+        return tuple(first.shape[-3:-1])
     return (first.height, first.width) if isinstance(first, Image.Image) else tuple(first.shape[-2:])
 
 
@@ -148,6 +150,7 @@ CASES = {
     "odd size PIL 70x45": dict(prompt="a wide landscape", image=picture(70, 45), strength=0.75, seed=8),
     "odd size tensor 3x50x66": dict(prompt="a wide landscape", image=picture_tensor(66, 50), strength=0.75, seed=8),
     "odd size tensor batch 1x3x50x66": dict(prompt="a cat", image=picture_tensor(66, 50)[None], strength=0.5, seed=9),
+    "numpy float array at odd size 70x45": dict(prompt="a cat", image=picture_array(70, 45), strength=0.6, seed=2),
     "RGBA": dict(prompt="a cat", image=picture(mode="RGBA"), strength=0.6, seed=1),
     "RGBA at odd size 70x45": dict(prompt="a cat", image=picture(70, 45, mode="RGBA"), strength=0.6, seed=1),
     "greyscale": dict(prompt="a cat", image=picture(mode="L"), strength=0.6, seed=1),
@@ -366,6 +369,8 @@ BAD_IMAGES = {
     "PIL 5 pixels high": dict(image=picture(64, 5)),
     "tensor 7 pixels wide": dict(image=picture_tensor(7, 64)),
     "empty tensor": dict(image=torch.zeros(1, 3, 0, 64)),
+    "uint8 numpy array": dict(image=(picture_array() * 255).astype(np.uint8)),
+    "2-D numpy array": dict(image=picture_array()[..., 0]),
     "empty 3-D tensor": dict(image=torch.zeros(3, 64, 0)),
 }
 
