@@ -22,6 +22,7 @@ from pathlib import Path
 from . import __version__
 from .errors import CheckpointError, InputError, MinisdError, ResourceError
 from .folders import cache_entry, newest_snapshot
+from .pnginfo import generation_parameters, png_info
 
 HUB_REPO = "OFA-Sys/small-stable-diffusion-v0"
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "minisd-shapes"
@@ -147,10 +148,7 @@ def save_png_atomically(image, path: Path, parameters: str, overwrite: bool) -> 
     """Write to a temporary file beside `path`, then move it into place, so an interrupted
     run never leaves a half-written PNG (and, without overwrite, never replaces a file that
     appeared meanwhile: os.link fails if the target exists)."""
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)  # the chunk other SD tools read
+    info = png_info(parameters)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -176,25 +174,6 @@ def current_umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it: put it straight back
     os.umask(mask)
     return mask
-
-
-def generation_parameters(prompt: str, negative: str, steps: int, sampler: str, guidance: float,
-                          seed: int, width: int, height: int, model: str, *,
-                          denoising_strength: float | None = None, clip_skip: int = 1) -> str:
-    """The `parameters` text other SD tools write and read: the prompt, an optional
-    negative-prompt line, then comma-separated `Key: value` pairs in AUTOMATIC1111's order.
-    `denoising_strength` is written for img2img only, `clip_skip` (A1111's numbering) above 1 only."""
-    lines = [prompt]
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
-    fields = [f"Steps: {steps}", f"Sampler: {sampler}", f"CFG scale: {guidance:g}", f"Seed: {seed}",
-              f"Size: {width}x{height}", f"Model: {model}"]
-    if denoising_strength is not None:
-        fields.append(f"Denoising strength: {denoising_strength:g}")
-    if clip_skip > 1:
-        fields.append(f"Clip skip: {clip_skip}")
-    lines.append(", ".join(fields))
-    return "\n".join(lines)
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -29,7 +29,8 @@ from .errors import CheckpointError, InputError
 from .fast import SpeedLevers, apply_levers, text_kv_cached
 from .folders import find_model_folder, model_name, resolve_pretrained
 from .img2img import DEFAULT_STRENGTH, check_strength, prepare_images, resize_back
-from .runtime import ProgressBar, check_device, check_dtype, check_finite, check_memory, text_dtype_for
+from .runtime import (ProgressBar, check_device, check_dtype, check_finite, check_generators, check_memory, draw_noise,
+                      text_dtype_for)
 from .safety import NOT_GIVEN, choose_safety_checker
 from .text_conditioning import check_prompt_syntax, check_text_inputs, encode_prompts
 from .tokenizer import CLIPTokenizer, check_prompts, load_tokenizer
@@ -170,7 +171,8 @@ class Pipeline:
                  latents: torch.Tensor | None = None, guidance_rescale: float = 0.0,
                  output_type: str = "pil", progress: bool = False, *, image=None, strength: float | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-                 clip_skip: int | None = None, prompt_syntax: str = "plain") -> PipelineOutput:
+                 clip_skip: int | None = None, prompt_syntax: str = "plain",
+                 callback_on_step_end=None) -> PipelineOutput:
         """Text-to-image, or image-to-image when `image` is given.
 
         `image`: a PIL image, a list of them (one for all prompts, or one per prompt; a single
@@ -182,7 +184,8 @@ class Pipeline:
         the text. `clip_skip`: diffusers' (1 = the penultimate layer; the prompt's only, as in
         diffusers, except in the "a1111" syntax, where the negative prompt's too). `prompt_syntax`: "plain"
         (diffusers': 77 tokens at most) or "a1111" (AUTOMATIC1111's (word:1.2), [word], BREAK,
-        any length; text_conditioning.py)."""
+        any length; text_conditioning.py). `callback_on_step_end(pipe, i, t, {"latents": ...})`
+        runs after each step, as in diffusers; latents in the dict it returns replace the step's."""
         check_prompt_syntax(prompt_syntax)
         check_clip_skip(clip_skip, self.text_encoder.config.num_hidden_layers)
         prompts, negatives, prompt_embeds, negative_prompt_embeds = check_text_inputs(
@@ -232,7 +235,8 @@ class Pipeline:
             latents = self.prepare_image_latents(init.pixels, which, generator, start)
 
         # 3. denoised step by step
-        latents = self.denoise(latents, cond, uncond, guidance_scale, guidance_rescale, start, progress)
+        latents = self.denoise(latents, cond, uncond, guidance_scale, guidance_rescale, start, progress,
+                               callback_on_step_end)
         if output_type == "latent":
             return PipelineOutput(latents, None)
 
@@ -246,7 +250,8 @@ class Pipeline:
         return PipelineOutput(to_output_type(images, output_type), nsfw)
 
     def denoise(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float,
-                guidance_rescale: float = 0.0, start: int = 0, progress: bool = False) -> torch.Tensor:
+                guidance_rescale: float = 0.0, start: int = 0, progress: bool = False,
+                callback_on_step_end=None) -> torch.Tensor:
         """The sampling loop over the scheduler's timesteps from index `start`. With `uncond`,
         classifier-free guidance: one UNet batch [uncond; cond] when the contexts have one
         length, else two passes (prompts of different lengths in the "a1111" syntax)."""
@@ -274,6 +279,8 @@ class Pipeline:
                             noise = rescale_noise_cfg(noise, noise_cond, guidance_rescale)
                     latents = self.scheduler.step(noise, t, latents)
                     bar.update()
+                    if callback_on_step_end is not None:
+                        latents = (callback_on_step_end(self, i, t, {"latents": latents}) or {}).get("latents", latents)
         finally:  # also on Ctrl-C, so a message after it starts on a fresh line
             bar.close()
         check_finite(latents, "the denoised latents", "float16 overflowed, or the scheduler config is degenerate")
@@ -357,24 +364,6 @@ class Pipeline:
             raise InputError(f"num_images_per_prompt: must be a positive integer, got {per_prompt!r}")
         if output_type not in OUTPUT_TYPES:
             raise InputError(f"output_type: must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-
-
-def check_generators(generator, n: int) -> None:
-    generators = generator if isinstance(generator, (list, tuple)) else [generator]
-    if not all(g is None or isinstance(g, torch.Generator) for g in generators):
-        raise InputError(f"generator: expected a torch.Generator or a list of them, got {generator!r:.80}")
-    if isinstance(generator, (list, tuple)) and len(generator) != n:
-        raise InputError(f"generator: a list of {len(generator)} generators for {n} images")
-
-
-def draw_noise(shape: tuple[int, ...], generator) -> torch.Tensor:
-    """Standard normal noise in float32, drawn on the generator's device (the CPU by default),
-    so a seed gives the same noise, and so the same image, on any device. With a list of
-    generators, one draw per image, each from its own generator: image i depends on seed i only."""
-    check_generators(generator, shape[0])
-    if isinstance(generator, (list, tuple)):
-        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator])
-    return torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
 
 
 def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Guards and feedback around a generation, kept out of the pipeline's story: device and dtype
-checks, NaN/inf checks, a memory check before allocating, and the progress bar.
+checks, seeded noise, NaN/inf checks, a memory check before allocating, and the progress bar.
 
 Each guard turns a failure that torch would report late, deep or not at all (a black image
 from a NaN, a machine swapping to a halt, a silent minute) into a clear message or a line
@@ -48,6 +48,24 @@ def text_dtype_for(dtype: torch.dtype) -> torch.dtype:
     fine for the UNet's many steps, but the text context is computed once and steers all of
     them, so the encoder stays in float32."""
     return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
+def check_generators(generator, n: int) -> None:
+    generators = generator if isinstance(generator, (list, tuple)) else [generator]
+    if not all(g is None or isinstance(g, torch.Generator) for g in generators):
+        raise InputError(f"generator: expected a torch.Generator or a list of them, got {generator!r:.80}")
+    if isinstance(generator, (list, tuple)) and len(generator) != n:
+        raise InputError(f"generator: a list of {len(generator)} generators for {n} images")
+
+
+def draw_noise(shape: tuple[int, ...], generator) -> torch.Tensor:
+    """Standard normal noise in float32, drawn on the generator's device (the CPU by default),
+    so a seed gives the same noise, and so the same image, on any device. With a list of
+    generators, one draw per image, each from its own generator: image i depends on seed i only."""
+    check_generators(generator, shape[0])
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator])
+    return torch.randn(shape, generator=generator, device=generator.device if generator else "cpu")
 
 
 def check_finite(tensor: torch.Tensor, what: str, likely_cause: str) -> None:

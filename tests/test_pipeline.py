@@ -109,3 +109,20 @@ def test_bad_arguments(ours, kwargs, words):
         return
     with pytest.raises(InputError, match=words):
         ours(**{"num_inference_steps": 1, **kwargs})
+
+
+def test_callback_on_step_end_as_diffusers(ours, reference):
+    """Called after each step with (pipe, i, t, {"latents": ...}); latents it returns replace the step's."""
+    def callback(log):
+        def on_step(pipe, i, t, tensors):
+            log.append((i, int(t)))
+            return {"latents": tensors["latents"] * 0.9} if i == 3 else tensors
+        return on_step
+    theirs, mine = [], []
+    kwargs = dict(prompt="a cat", num_inference_steps=STEPS, output_type="np")
+    expected = reference(**kwargs, generator=torch.Generator().manual_seed(1), callback_on_step_end=callback(theirs)).images
+    got = ours(**kwargs, generator=torch.Generator().manual_seed(1), callback_on_step_end=callback(mine)).images
+    assert mine == theirs and len(mine) == STEPS
+    assert np.abs(got - expected).max() <= IMAGE_TOL
+    plain = ours(**kwargs, generator=torch.Generator().manual_seed(1)).images
+    assert np.abs(got - plain).max() > 1e-3  # the returned latents were used
