@@ -49,11 +49,28 @@ def build_parser() -> ArgumentParser:
     # -b image count, -s seed, -W/-H size, -m model).
     common = ArgumentParser(add_help=False)  # options every command takes
     common.add_argument("--debug", action="store_true", help="show tracebacks")
+    model = ArgumentParser(add_help=False)  # which model, on what, how: generate and serve
+    model.add_argument("-m", "--model", help="diffusers pipeline folder, or a hub id (org/name) read from "
+                       "the Hugging Face cache (default: $MINISD_MODEL, the Hugging Face cache, then the "
+                       "embedded model)")
+    model.add_argument("--device", default="auto",
+                       help="auto, cpu, cuda, cuda:1, mps, ... (default auto: CUDA when available, then "
+                            "Apple's MPS, else the CPU)")
+    model.add_argument("--dtype", choices=DTYPES, default="auto",
+                       help="auto (for the device chosen): float16 on CUDA, bfloat16 on CPUs with native bf16 "
+                            "(AVX512-BF16, AMX), else float32")
+    model.add_argument("--compile", action="store_true",
+                       help="torch.compile the UNet and VAE decoder: minutes of compiling on the first image; "
+                            "pays off on a GPU, not on the CPU")
+    model.add_argument("--no-levers", action="store_true",
+                       help="run the models exactly as written, without the speed levers of minisd/fast.py")
+    model.add_argument("--no-safety-checker", action="store_true", help="do not filter images (logged)")
     parser = ArgumentParser(prog="minisd", parents=[common],
-                            description="Stable Diffusion v1 text-to-image in plain PyTorch.")
+                            description="Stable Diffusion v1 in plain PyTorch: text-to-image, image-to-image, "
+                                        "and a server for both.")
     parser.add_argument("--version", action="version", version=f"minisd {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
-    gen = commands.add_parser("generate", parents=[common], help="generate images from a prompt")
+    gen = commands.add_parser("generate", parents=[common, model], help="generate images from a prompt")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", type=Path, default=Path("minisd.png"),
                      help="PNG to write; with -b > 1, NAME-0.png, NAME-1.png, ... (default: minisd.png)")
@@ -78,23 +95,19 @@ def build_parser() -> ArgumentParser:
                      help="a1111 (default): (word:1.2) emphasis, [word], BREAK and prompts of any length, as "
                           "AUTOMATIC1111 and stable-diffusion.cpp read them; plain: the text as is, cut at "
                           "77 tokens, as diffusers reads it")
-    gen.add_argument("-m", "--model", help="diffusers pipeline folder, or a hub id (org/name) read from "
-                     "the Hugging Face cache (default: $MINISD_MODEL, the Hugging Face cache, then the "
-                     "embedded model)")
-    gen.add_argument("--device", default="auto",
-                     help="auto, cpu, cuda, cuda:1, mps, ... (default auto: CUDA when available, then "
-                          "Apple's MPS, else the CPU)")
-    gen.add_argument("--dtype", choices=DTYPES, default="auto",
-                     help="auto (for the device chosen): float16 on CUDA, bfloat16 on CPUs with native bf16 "
-                          "(AVX512-BF16, AMX), else float32")
-    gen.add_argument("--compile", action="store_true",
-                     help="torch.compile the UNet and VAE decoder: minutes of compiling on the first image; "
-                          "pays off on a GPU, not on the CPU")
-    gen.add_argument("--no-levers", action="store_true",
-                     help="run the models exactly as written, without the speed levers of minisd/fast.py")
-    gen.add_argument("--no-safety-checker", action="store_true", help="do not filter images (logged)")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    serve = commands.add_parser("serve", parents=[common, model],
+                                help="a web UI and AUTOMATIC1111's REST API on one loaded model "
+                                     "(needs pip install -e \".[ui]\")")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    serve.add_argument("--port", type=int, default=7860, help="port (default 7860, as AUTOMATIC1111's)")
+    serve.add_argument("--max-size", type=parse_size, metavar="WxH",
+                       help="largest image a request may ask for (default: twice the model's size each way)")
+    serve.add_argument("--max-steps", type=int, default=150, help="most steps a request may ask for (default 150)")
+    serve.add_argument("--max-images", type=int, default=8,
+                       help="most images one request may ask for, batch_size x n_iter (default 8)")
     return parser
 
 
@@ -176,12 +189,52 @@ def current_umask() -> int:
     return mask
 
 
-def generate(args: argparse.Namespace) -> int:
-    import torch
-
+def load_pipeline(args: argparse.Namespace, before_loading=lambda: None):
+    """The model the options name, on the device and in the dtype they ask for. The device is
+    checked before anything loads (torch would fail deep in the loader), then `before_loading`."""
     from .fast import SpeedLevers
     from .pipeline import Pipeline
     from .runtime import check_device
+
+    device = resolve_device(args.device)
+    check_device(device, "--device")
+    dtype = resolve_dtype(args.dtype, device)
+    model = find_model(args.model)
+    before_loading()
+    extra = {"safety_checker": None} if args.no_safety_checker else {}
+    levers = SpeedLevers.none() if args.no_levers else SpeedLevers()
+    return Pipeline.from_pretrained(model, device=device, dtype=dtype, compile=args.compile, levers=levers, **extra)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """`minisd serve`: the web UI and the A1111 API on one loaded model, until interrupted."""
+    try:
+        import fastapi  # noqa: F401 - only to say what is missing before anything loads
+        import gradio  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"serve: needs the optional web dependencies ({e.name} is missing); install them "
+                         "with pip install -c requirements-pins.txt -e \".[ui]\"") from None
+    from .server.app import check_port_free, serve as run_server
+    from .server.worker import Limits
+
+    if not 1 <= args.port <= 65535:
+        raise InputError(f"--port: must lie in [1, 65535], got {args.port}")
+    for name in ("max_steps", "max_images"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+    if args.max_size and min(args.max_size) < 1:
+        raise InputError(f"--max-size: must be positive, got {args.max_size[0]}x{args.max_size[1]}")
+    pipe = load_pipeline(args, before_loading=lambda: check_port_free(args.host, args.port))
+    native = pipe.unet.config.sample_size * pipe.vae.downscale_factor
+    width, height = args.max_size or (2 * native, 2 * native)
+    limits = Limits(width, height, args.max_steps, args.max_images)
+    run_server(pipe, str(args.model or find_model(None)), args.host, args.port, limits)
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    import torch
 
     if args.num_images < 1:
         raise InputError(f"-b/--num-images: must be at least 1, got {args.num_images}")
@@ -201,15 +254,7 @@ def generate(args: argparse.Namespace) -> int:
     paths = output_paths(args.output, args.num_images)
     check_writable(paths, args.overwrite)
     init_image = None if args.init_image is None else read_image(args.init_image)
-    device = resolve_device(args.device)
-    check_device(device, "--device")  # before loading anything: torch would fail deep in the loader
-    dtype = resolve_dtype(args.dtype, device)
-    model = find_model(args.model)
-
-    extra = {"safety_checker": None} if args.no_safety_checker else {}
-    levers = SpeedLevers.none() if args.no_levers else SpeedLevers()
-    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, compile=args.compile,
-                                    levers=levers, **extra)
+    pipe = load_pipeline(args)
     width, height = args.size or (args.width, args.height)
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(args.num_images)]
     try:
@@ -316,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 2
-        return generate(args)
+        return generate(args) if args.command == "generate" else serve(args)
     except KeyboardInterrupt:
         print("minisd: interrupted; no partial file was written", file=sys.stderr)
         return 130
