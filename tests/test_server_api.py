@@ -330,3 +330,16 @@ def test_unexpected_errors_are_one_line_of_json(caplog):
                               ("no field named here: why", "body: no field named here: why")):
         error = as_request_error(InputError(message))
         assert (error.field, str(error)) == (expected.partition(":")[0], expected)
+
+
+def test_a_body_larger_than_any_valid_request_is_refused_unread(server):
+    """413 from the Content-Length alone: the server never reads (or waits for) the body."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+        conn.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 999999999999\r\nConnection: close\r\n\r\n{")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and json.loads(body)["field"] == "body"
+    assert server.get("/sdapi/v1/options")[0] == 200  # and it keeps serving

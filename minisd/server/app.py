@@ -15,6 +15,8 @@ from .worker import GenerationQueue, Limits
 
 log = logging.getLogger("minisd")
 
+MAX_API_BODY = 256 * 2**20  # bytes of JSON one API request may send
+
 # Gradio reports usage to its makers unless told not to; a local server keeps to itself.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -37,6 +39,8 @@ def create_app(generation: GenerationQueue, info: ServerInfo):
 
     app = FastAPI(title="minisd", docs_url="/docs", redoc_url=None)
     app.include_router(api_router(generation, info))
+
+    app.add_middleware(BodyLimit, limit=MAX_API_BODY)
     return gr.mount_gradio_app(app, build_ui(generation, info), path="/", footer_links=[])
 
 
@@ -77,3 +81,23 @@ def check_port_free(host: str, port: int) -> None:
         except OSError as e:
             raise InputError(f"--port: cannot listen on {host}:{port} ({e.strerror}); is another server "
                              "running there? Choose another with --port") from None
+
+
+class BodyLimit:
+    """Refuse an API request whose body is larger than any valid one (init images of at most 4x
+    the largest size, in base64) before it is read: FastAPI reads a body whole. A plain ASGI
+    middleware, so an endpoint still sees its client disconnect."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/sdapi/"):
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                from fastapi.responses import JSONResponse
+                answer = JSONResponse({"error": "RequestTooLarge", "field": "body",
+                                       "detail": f"body: {int(length)} bytes; this server takes at most {self.limit}"},
+                                      status_code=413)
+                return await answer(scope, receive, send)
+        await self.app(scope, receive, send)
