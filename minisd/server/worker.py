@@ -209,13 +209,14 @@ class GenerationQueue:
     def position(self, job: Job) -> int:
         """How many jobs run before this one: 0 when it runs or is next."""
         with self._lock:
-            ahead = self._waiting.index(job) if job in self._waiting else 0
+            earlier = self._waiting[:self._waiting.index(job)] if job in self._waiting else []
+            ahead = sum(not other.cancelled for other in earlier)  # cancelled ones will be skipped
             return ahead + (self._current is not None and job is not self._current and job.state == "queued")
 
     def progress(self) -> dict:
         """The running job's progress and the queue's length, for /sdapi/v1/progress and the UI."""
         with self._lock:
-            job, waiting = self._current, len(self._waiting)
+            job, waiting = self._current, sum(not other.cancelled for other in self._waiting)
         if job is None:
             return {"progress": 0.0, "eta_relative": 0.0, "job": None, "queued": waiting}
         fraction = job.fraction
