@@ -10,19 +10,17 @@ and every image is written atomically (a temporary file renamed into place).
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import random
 import sys
-import tempfile
-import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import CheckpointError, InputError, MinisdError, ResourceError
+from .errors import CheckpointError, InputError, MinisdError
 from .folders import cache_entry, newest_snapshot
-from .pnginfo import generation_parameters, png_info
+from .files import read_image, save_png_atomically
+from .pnginfo import generation_parameters
 
 HUB_REPO = "OFA-Sys/small-stable-diffusion-v0"
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "minisd-shapes"
@@ -49,7 +47,7 @@ def build_parser() -> ArgumentParser:
     # -b image count, -s seed, -W/-H size, -m model).
     common = ArgumentParser(add_help=False)  # options every command takes
     common.add_argument("--debug", action="store_true", help="show tracebacks")
-    model = ArgumentParser(add_help=False)  # which model, on what, how: generate and serve
+    model = ArgumentParser(add_help=False)  # which model, on what, how: generate, batch and serve
     model.add_argument("-m", "--model", help="diffusers pipeline folder, or a hub id (org/name) read from "
                        "the Hugging Face cache (default: $MINISD_MODEL, the Hugging Face cache, then the "
                        "embedded model)")
@@ -65,38 +63,47 @@ def build_parser() -> ArgumentParser:
     model.add_argument("--no-levers", action="store_true",
                        help="run the models exactly as written, without the speed levers of minisd/fast.py")
     model.add_argument("--no-safety-checker", action="store_true", help="do not filter images (logged)")
+    generation = ArgumentParser(add_help=False)  # what to generate: generate and batch
+    generation.add_argument("-n", "--negative", default="", help="negative prompt")
+    generation.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    generation.add_argument("--guidance", type=float, default=7.5,
+                            help="classifier-free guidance scale (default 7.5)")
+    generation.add_argument("-s", "--seed", type=int, help="random seed (default: random, printed); image i uses seed+i")
+    generation.add_argument("--size", type=parse_size, help="WxH, multiples of 8 (default: the model's size)")
+    generation.add_argument("-W", "--width", type=int, help="image width (default: the model's; or use --size)")
+    generation.add_argument("-H", "--height", type=int, help="image height (default: the model's; or use --size)")
+    generation.add_argument("--init-image", type=Path, metavar="PATH",
+                            help="img2img: start from this image (any size and mode); the output has its size "
+                                 "unless --size/-W/-H are given")
+    generation.add_argument("--strength", type=float, metavar="S",
+                            help=f"img2img: how much of the init image to redraw, in (0, 1] (default {DEFAULT_STRENGTH})")
+    generation.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                            help="use the text encoder's N-th layer from the end, as in AUTOMATIC1111: "
+                                 "1 = the last (default), 2 = the penultimate, ...")
+    generation.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
+                            help="a1111 (default): (word:1.2) emphasis, [word], BREAK and prompts of any length, as "
+                                 "AUTOMATIC1111 and stable-diffusion.cpp read them; plain: the text as is, cut at "
+                                 "77 tokens, as diffusers reads it")
+    generation.add_argument("--quiet", action="store_true", help="no progress bar")
     parser = ArgumentParser(prog="minisd", parents=[common],
                             description="Stable Diffusion v1 in plain PyTorch: text-to-image, image-to-image, "
                                         "and a server for both.")
     parser.add_argument("--version", action="version", version=f"minisd {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
-    gen = commands.add_parser("generate", parents=[common, model], help="generate images from a prompt")
+    gen = commands.add_parser("generate", parents=[common, model, generation], help="generate images from a prompt")
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", type=Path, default=Path("minisd.png"),
                      help="PNG to write; with -b > 1, NAME-0.png, NAME-1.png, ... (default: minisd.png)")
-    gen.add_argument("-n", "--negative", default="", help="negative prompt")
-    gen.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    gen.add_argument("--guidance", type=float, default=7.5,
-                     help="classifier-free guidance scale (default 7.5)")
-    gen.add_argument("-s", "--seed", type=int, help="random seed (default: random, printed); image i uses seed+i")
-    gen.add_argument("--size", type=parse_size, help="WxH, multiples of 8 (default: the model's size)")
-    gen.add_argument("-W", "--width", type=int, help="image width (default: the model's; or use --size)")
-    gen.add_argument("-H", "--height", type=int, help="image height (default: the model's; or use --size)")
     gen.add_argument("-b", "--num-images", type=int, default=1, help="images to generate (default 1)")
-    gen.add_argument("--init-image", type=Path, metavar="PATH",
-                     help="img2img: start from this image (any size and mode); the output has its size "
-                          "unless --size/-W/-H are given")
-    gen.add_argument("--strength", type=float, metavar="S",
-                     help=f"img2img: how much of the init image to redraw, in (0, 1] (default {DEFAULT_STRENGTH})")
-    gen.add_argument("--clip-skip", type=int, default=1, metavar="N",
-                     help="use the text encoder's N-th layer from the end, as in AUTOMATIC1111: "
-                          "1 = the last (default), 2 = the penultimate, ...")
-    gen.add_argument("--prompt-syntax", choices=("a1111", "plain"), default="a1111",
-                     help="a1111 (default): (word:1.2) emphasis, [word], BREAK and prompts of any length, as "
-                          "AUTOMATIC1111 and stable-diffusion.cpp read them; plain: the text as is, cut at "
-                          "77 tokens, as diffusers reads it")
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch = commands.add_parser("batch", parents=[common, model, generation],
+                                help="one image per line of a prompt file, resumable; scales out under torchrun")
+    batch.add_argument("prompts", type=Path, metavar="PROMPTS",
+                       help="a text file, one prompt a line (blank lines and # comments skipped), or a .jsonl "
+                            "file whose lines may also set negative_prompt, seed, steps, guidance, width, "
+                            "height, init_image, strength")
+    batch.add_argument("--out", type=Path, required=True, metavar="DIR",
+                       help="folder for the images and manifest.jsonl; rerunning the same command resumes")
     serve = commands.add_parser("serve", parents=[common, model],
                                 help="a web UI and AUTOMATIC1111's REST API on one loaded model "
                                      "(needs pip install -e \".[ui]\")")
@@ -155,38 +162,6 @@ def check_writable(paths: list[Path], overwrite: bool) -> None:
             raise InputError(f"--output: {str(path)!r} is a folder; name a .png file")
         if path.exists() and not overwrite:
             raise InputError(f"--output: {str(path)!r} exists; choose another name or pass --overwrite")
-
-
-def save_png_atomically(image, path: Path, parameters: str, overwrite: bool) -> None:
-    """Write to a temporary file beside `path`, then move it into place, so an interrupted
-    run never leaves a half-written PNG (and, without overwrite, never replaces a file that
-    appeared meanwhile: os.link fails if the target exists)."""
-    info = png_info(parameters)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give what open() would
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-    except FileExistsError:
-        raise InputError(f"--output: {str(path)!r} appeared while generating; not overwritten") from None
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise
-        raise ResourceError(f"--output: no space left to write {str(path)!r} ({e.strerror}); "
-                            "free some space or choose another folder") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return mask
 
 
 def load_pipeline(args: argparse.Namespace, before_loading=lambda: None):
@@ -297,30 +272,6 @@ def check_strength(strength: float | None, img2img: bool) -> float | None:
     return strength
 
 
-def read_image(path: Path):
-    """--init-image, decoded in full now, so that a missing, truncated or non-image file fails
-    in one line before the model loads rather than halfway through."""
-    from PIL import Image, UnidentifiedImageError
-
-    if path.is_dir():
-        raise InputError(f"--init-image: {str(path)!r} is a folder; name an image file")
-    if not path.exists():
-        raise InputError(f"--init-image: {str(path)!r} does not exist")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL warns, in several lines, about damage it then reports
-            with Image.open(path) as image:
-                image.load()
-                return image.copy()  # closing the file leaves the copy usable
-    except UnidentifiedImageError:
-        raise InputError(f"--init-image: {str(path)!r} is not an image file PIL can read "
-                         "(PNG, JPEG, WebP, ...)") from None
-    # What PIL's decoders raised on thousands of truncated and corrupted files of nine formats.
-    except (OSError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
-        raise InputError(f"--init-image: cannot read {str(path)!r}: {reason}") from None
-
-
 def resolve_device(name: str) -> str:
     """--device auto: CUDA when available, then Apple's MPS, else the CPU."""
     import torch
@@ -361,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 2
+        if args.command == "batch":
+            from .batch import run_batch
+            return run_batch(args, load_pipeline)
         return generate(args) if args.command == "generate" else serve(args)
     except KeyboardInterrupt:
         print("minisd: interrupted; no partial file was written", file=sys.stderr)
