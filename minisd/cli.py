@@ -2,6 +2,8 @@
 
     minisd generate "an apple, 4k" -o apple.png --steps 25 -s 42 -n "blurry" -b 2
     minisd generate "an apple, oil painting" --init-image photo.jpg --strength 0.6 -o painted.png
+    minisd batch prompts.txt --out images/ -s 1        (batch.py; under torchrun, many workers)
+    minisd serve --port 7860                           (server/; web UI and A1111 API)
 
 Usage and input errors print one line and exit 2; other failures print one line and exit 1;
 `--debug` shows the traceback instead. No existing file is overwritten without --overwrite,
