@@ -200,14 +200,22 @@ class Workers:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.store, self._counts = None, {}
         if self.world > 1:
-            import torch
+            from datetime import timedelta
+
             import torch.distributed as dist
 
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            # The process group's key-value store: private in name, the same TCPStore for years.
-            self.store = dist.distributed_c10d._get_default_store()
+            # The store alone, no process group: after a --max-restarts restart, a gloo or NCCL
+            # group's setup can read the last attempt's addresses from torchrun's store, which
+            # outlives it, and fail or hang (pytorch/pytorch#135712). torchrun's agent hosts the
+            # store (TORCHELASTIC_USE_AGENT_STORE); else rank 0 does, as init_process_group would.
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world,
+                                       is_master=not agent_store and self.rank == 0, timeout=timedelta(minutes=30))
             # torchrun's store outlives a restart (--max-restarts): keys of each attempt apart.
-            self.prefix = f"minisd-batch/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+            # Rank 0's store is new each attempt, and there the count could differ between
+            # machines (an agent whose own workers did not fail restarts them without counting).
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if agent_store else "0"
+            self.prefix = f"minisd-batch/{attempt}/"
 
     def share(self, key: str, value: str | None = None) -> str:
         """Rank 0 gives `value`; every rank gets it (waiting for rank 0)."""
@@ -226,10 +234,7 @@ class Workers:
         return self.store.add(self.prefix + key, amount)
 
     def close(self) -> None:
-        if self.store is not None:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        self.store = None  # a client disconnects; rank 0's own store (if it hosts one) stops
 
 
 def run_batch(args, load_pipeline) -> int:
