@@ -66,7 +66,7 @@ def read_prompts(path: Path) -> list[tuple[int, dict]]:
         raise InputError(f"PROMPTS: {str(path)!r} {'is a folder' if path.is_dir() else 'does not exist'}; "
                          "name a text or .jsonl file of prompts")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a leading BOM is not text
     except UnicodeDecodeError as e:
         line = path.read_bytes()[:e.start].count(b"\n") + 1
         raise InputError(f"{path} line {line}: not UTF-8 text") from None
@@ -100,8 +100,10 @@ def _kind(types) -> str:
     return {str: "a string", int: "an integer"}.get(types, "a number")
 
 
-def make_items(prompts: list[tuple[int, dict]], args, seed: int, base: Path) -> list[Item]:
-    """Each prompt with the command line's options, overridden by its line's fields."""
+def make_items(prompts: list[tuple[int, dict]], args, seed: int, path: Path) -> list[Item]:
+    """Each prompt with the command line's options, overridden by its line's fields (an
+    init_image of a line is read relative to the prompt file's folder)."""
+    base = path.parent
     width, height = args.size or (args.width, args.height)
     items = []
     for index, (line, fields) in enumerate(prompts):
@@ -110,11 +112,11 @@ def make_items(prompts: list[tuple[int, dict]], args, seed: int, base: Path) -> 
         item = Item(index, line, fields["prompt"], fields.get("negative_prompt", args.negative),
                     fields.get("seed", seed + index), fields.get("steps", args.steps),
                     float(fields.get("guidance", args.guidance)), fields.get("width", width),
-                    fields.get("height", height), init, fields.get("strength", args.strength))
+                    fields.get("height", height), init, fields.get("strength", args.strength if init else None))
         if not 0 <= item.seed <= MAX_SEED:
-            raise InputError(f"line {line}: seed must lie in [0, {MAX_SEED}], got {item.seed}")
-        if item.strength is not None and item.init_image is None:
-            raise InputError(f"line {line}: strength applies to img2img only; give init_image too")
+            raise InputError(f"{path} line {line}: seed must lie in [0, {MAX_SEED}], got {item.seed}")
+        if "strength" in fields and item.init_image is None:  # --strength serves the lines with an image
+            raise InputError(f"{path} line {line}: strength applies to img2img only; give init_image too")
         items.append(item)
     return items
 
@@ -132,7 +134,13 @@ class Folder:
         if self.root.is_file():
             raise InputError(f"--out: {str(self.root)!r} is a file; name a folder")
         if record.is_file():
-            old = json.loads(record.read_text())
+            try:
+                old = json.loads(record.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                old = None
+            if not isinstance(old, dict):
+                raise InputError(f"--out: {record} is damaged; choose a new --out folder (the images in "
+                                 f"{self.root} are kept)")
             if not seed_given:
                 run = {**run, "seed": old.get("seed")}
             changed = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
@@ -255,7 +263,7 @@ def run_batch(args, load_pipeline) -> int:
         plan = json.loads(workers.share("plan", _plan(args, prompts, pipe) if workers.rank == 0 else None))
         if "error" in plan:
             raise InputError(plan["error"])
-        items = make_items(prompts, args, plan["seed"], args.prompts.parent)
+        items = make_items(prompts, args, plan["seed"], args.prompts)
         folder = Folder(args.out)
         _work(pipe, args, workers, folder, [items[i] for i in plan["todo"]], plan["done"], len(items))
     finally:
@@ -273,10 +281,12 @@ def _plan(args, prompts, pipe) -> str:
                "guidance": args.guidance, "width": width, "height": height, "clip_skip": args.clip_skip,
                "prompt_syntax": args.prompt_syntax, "init_image": args.init_image and str(args.init_image),
                "strength": args.strength, "safety_checker": pipe.safety_checker is not None, "seed": seed}
+        # Everything that can be refused is refused before the folder is claimed, so that a
+        # corrected prompt file is not then refused as "another run".
+        _check_items(make_items(prompts, args, seed, args.prompts), pipe, args)
         folder = Folder(args.out)
         seed = folder.claim(run, seed_given=args.seed is not None)["seed"]
-        items = make_items(prompts, args, seed, args.prompts.parent)
-        _check_items(items, pipe, args.prompts)
+        items = make_items(prompts, args, seed, args.prompts)
         folder.tidy()
         done = folder.merge()
         listed = folder.listed()
@@ -286,27 +296,35 @@ def _plan(args, prompts, pipe) -> str:
         return json.dumps({"error": str(e)})
 
 
-def _check_items(items: list[Item], pipe, path: Path) -> None:
-    """What would fail halfway fails now, naming the line: sizes, steps, strengths, images."""
+def _check_items(items: list[Item], pipe, args) -> None:
+    """What would fail halfway fails now, naming the option or the file and line: sizes,
+    steps, strengths, init images."""
     from .img2img import check_strength
 
-    f = pipe.vae.downscale_factor
+    f, most = pipe.vae.downscale_factor, pipe.scheduler.config.num_train_timesteps
+    width, height = args.size or (args.width, args.height)
+    for name, value in (("width", width), ("height", height)):
+        if value is not None and (value <= 0 or value % f):
+            raise InputError(f"--size/-W/-H: {name} must be a positive multiple of {f}, got {value}")
+    if args.init_image is not None:
+        read_image(args.init_image, "--init-image")
+    checked_images = {str(args.init_image)} if args.init_image is not None else set()
     for item in items:
-        where = f"{path} line {item.line}"
+        where = f"{args.prompts} line {item.line}"
         for name in ("width", "height"):
             value = getattr(item, name)
             if value is not None and (value <= 0 or value % f):
                 raise InputError(f"{where}: {name} must be a positive multiple of {f}, got {value}")
-        if item.steps < 1 or item.steps > pipe.scheduler.config.num_train_timesteps:
-            raise InputError(f"{where}: steps must lie in [1, {pipe.scheduler.config.num_train_timesteps}], "
-                             f"got {item.steps}")
+        if not 1 <= item.steps <= most:
+            raise InputError(f"{where}: steps must lie in [1, {most}], got {item.steps}")
         if item.init_image is not None:
             try:
-                check_strength(0.8 if item.strength is None else item.strength, item.steps)
+                check_strength(0.8 if item.strength is None else item.strength, item.steps, most)
             except InputError as e:
                 raise InputError(f"{where}: {e}") from None
-    for image in {item.init_image for item in items if item.init_image}:
-        read_image(Path(image), f"{path}: init_image")
+            if item.init_image not in checked_images:
+                read_image(Path(item.init_image), f"{where}: init_image")
+                checked_images.add(item.init_image)
 
 
 def _work(pipe, args, workers: Workers, folder: Folder, todo: list[Item], done_before: int, total: int) -> None:
@@ -315,7 +333,7 @@ def _work(pipe, args, workers: Workers, folder: Folder, todo: list[Item], done_b
     import torch
 
     bar = ProgressBar(total, "batch", done=done_before, enabled=workers.rank == 0 and not args.quiet,
-                      min_interval=5.0)
+                      min_interval=5.0, unit="image")
     start = time.perf_counter()
 
     def report() -> None:

@@ -118,8 +118,8 @@ class ProgressBar:
     `update(**values)` shows numbers beside it (`loss 0.0412`)."""
 
     def __init__(self, total: int, label: str = "", done: int = 0, enabled: bool = True,
-                 stream=None, min_interval: float = 0.0):
-        self.total, self.label, self.done, self.enabled = total, label, done, enabled
+                 stream=None, min_interval: float = 0.0, unit: str = "step"):
+        self.total, self.label, self.done, self.enabled, self.unit = total, label, done, enabled, unit
         self.stream = sys.stderr if stream is None else stream
         self.in_place = self.stream.isatty() if hasattr(self.stream, "isatty") else False
         self.min_interval, self.first = min_interval, done
@@ -139,7 +139,7 @@ class ProgressBar:
         filled = int(30 * self.done / max(self.total, 1))
         numbers = "".join(f" {name} {value:.4g}," for name, value in values.items())
         line = (f"{self.label + ' ' if self.label else ''}{self.done:3d}/{self.total} "
-                f"[{'#' * filled}{'.' * (30 - filled)}]{numbers} {elapsed:5.1f}s, {per_step:.2f}s/step, "
+                f"[{'#' * filled}{'.' * (30 - filled)}]{numbers} {elapsed:5.1f}s, {per_step:.2f}s/{self.unit}, "
                 f"eta {_duration(per_step * (self.total - self.done))}")
         self.stream.write(f"\r{line}" if self.in_place else f"{line}\n")
         self.stream.flush()

@@ -135,8 +135,6 @@ def test_bad_prompt_file_is_one_line_naming_file_and_line(case, tmp_path, capsys
         assert f"line {line}:" in err[0], err
 
 
-@pytest.mark.xfail(strict=True, reason="bug: these messages name the line but not the file, or the file but not "
-                                       "the line (minisd/batch.py make_items and _check_items)")
 @pytest.mark.parametrize("content, line", [(b'{"prompt": "a"}\n{"prompt": "b", "seed": -1}\n', 2),
                                            (b'{"prompt": "a"}\n{"prompt": "b", "init_image": "nope.png"}\n', 2)])
 def test_every_line_error_names_file_and_line(content, line, tmp_path, capsys):
@@ -146,8 +144,6 @@ def test_every_line_error_names_file_and_line(content, line, tmp_path, capsys):
     assert f"p.jsonl line {line}:" in err, err
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a prompt file refused after the model loads (bad width, strength, "
-                                       "init_image) leaves run.json in --out, so the fixed file is then refused")
 def test_fixed_prompt_file_runs_after_a_refusal(tmp_path, capsys):
     (tmp_path / "p.jsonl").write_text('{"prompt": "a", "width": 66}\n')
     assert batch(tmp_path / "p.jsonl", tmp_path / "out", "-s", "1", "--steps", str(STEPS)) == 2
@@ -481,3 +477,20 @@ def test_max_restarts_on_two_nodes(tmp_path):
         text = finish(node0, logs[0]) + finish(node1, logs[1])
     assert "exitcode: -9" in text, text
     assert_complete(out, 16)
+
+
+@pytest.mark.parametrize("name, content", [("p.txt", "\ufeffa red cube\n"), ("p.jsonl", '\ufeff{"prompt": "a red cube"}\n')])
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(name, content, tmp_path):
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    assert batch(tmp_path / name, tmp_path / "out", "-s", "1", "--steps", str(STEPS)) == 0
+    assert [entry["prompt"] for entry in manifest(tmp_path / "out")] == ["a red cube"]
+
+
+def test_a_damaged_run_record_is_refused_and_the_images_kept(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a red cube\n")
+    assert batch(tmp_path / "p.txt", tmp_path / "out", "-s", "1", "--steps", str(STEPS)) == 0
+    (tmp_path / "out" / "run.json").write_text("{not json")
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert batch(tmp_path / "p.txt", tmp_path / "out", "-s", "1", "--steps", str(STEPS)) == 2
+    assert "run.json is damaged" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
