@@ -308,9 +308,9 @@ def test_unexpected_errors_are_one_line_of_json(caplog):
     from fastapi.testclient import TestClient
 
     from minisd.errors import InputError
-    from minisd.server.a1111 import JSONErrors, as_request_error
+    from minisd.server.a1111 import as_request_error, json_errors_route
 
-    router = APIRouter(route_class=JSONErrors)
+    router = APIRouter(route_class=json_errors_route())
 
     @router.get("/boom")
     def boom():

@@ -15,19 +15,11 @@ requests. Every error is one JSON object naming the field, never a traceback:
 400 for a body that is not JSON, 422 for a field the server cannot serve, 409 for a job stopped
 by /interrupt or a shutdown, 500 (logged with its traceback) for anything else.
 """
-from __future__ import annotations
-
 import asyncio
 import base64
 import json
 import logging
 import time
-
-from fastapi import APIRouter, HTTPException
-from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request as HTTPRequest
 
 from .. import __version__
 from ..errors import InputError
@@ -47,34 +39,45 @@ class Interrupted(Exception):
     """The job was stopped by POST /interrupt."""
 
 
-def error_response(status: int, error: str, field: str | None, message: str) -> JSONResponse:
+def error_response(status: int, error: str, field: str | None, message: str):
+    from fastapi.responses import JSONResponse
+
     detail = f"{field}: {message}" if field else message
     return JSONResponse({"error": error, "field": field, "detail": detail}, status_code=status)
 
 
-class JSONErrors(APIRoute):
-    """Each endpoint's errors as one JSON object (FastAPI's documented way to wrap a router's
-    handlers: https://fastapi.tiangolo.com/how-to/custom-request-and-route/)."""
+def json_errors_route():
+    """The API's route class, made when the server is built: FastAPI is an optional dependency."""
+    from fastapi import HTTPException
+    from fastapi.responses import Response
+    from fastapi.routing import APIRoute
+    from starlette.requests import Request as HTTPRequest
 
-    def get_route_handler(self):
-        handle = super().get_route_handler()
+    class JSONErrors(APIRoute):
+        """Each endpoint's errors as one JSON object (FastAPI's documented way to wrap a router's
+        handlers: https://fastapi.tiangolo.com/how-to/custom-request-and-route/)."""
 
-        async def guarded(http: HTTPRequest) -> Response:
-            try:
-                return await handle(http)
-            except HTTPException:  # FastAPI's own (405, ...): its handler answers them
-                raise
-            except RequestError as e:
-                message = str(e).removeprefix(f"{e.field}: ")
-                return error_response(400 if isinstance(e, BadJSON) else 422, "RequestError", e.field, message)
-            except Interrupted:
-                return error_response(409, "Interrupted", None, "the job was stopped (POST /sdapi/v1/interrupt, "
-                                                                "or the server is shutting down)")
-            except Exception as e:  # the client gets one line; the log gets the traceback
-                log.exception("%s %s failed", http.method, http.url.path)
-                return error_response(500, "InternalError", None,
-                                      f"internal error ({type(e).__name__}); the server's log has the details")
-        return guarded
+        def get_route_handler(self):
+            handle = super().get_route_handler()
+
+            async def guarded(http: HTTPRequest) -> Response:
+                try:
+                    return await handle(http)
+                except HTTPException:  # FastAPI's own (405, ...): its handler answers them
+                    raise
+                except RequestError as e:
+                    message = str(e).removeprefix(f"{e.field}: ")
+                    return error_response(400 if isinstance(e, BadJSON) else 422, "RequestError", e.field, message)
+                except Interrupted:
+                    return error_response(409, "Interrupted", None, "the job was stopped (POST /sdapi/v1/interrupt, "
+                                                                    "or the server is shutting down)")
+                except Exception as e:  # the client gets one line; the log gets the traceback
+                    log.exception("%s %s failed", http.method, http.url.path)
+                    return error_response(500, "InternalError", None,
+                                          f"internal error ({type(e).__name__}); the server's log has the details")
+            return guarded
+
+    return JSONErrors
 
 
 def as_request_error(error: InputError) -> RequestError:
@@ -91,8 +94,16 @@ def timestamp(job: Job) -> str:
     return time.strftime("%Y%m%d%H%M%S", time.localtime(started))
 
 
-def api_router(generation: GenerationQueue, info) -> APIRouter:
-    router = APIRouter(prefix="/sdapi/v1", route_class=JSONErrors)
+def api_router(generation: GenerationQueue, info):
+    """The /sdapi/v1 endpoints, as a FastAPI APIRouter, in front of `generation`."""
+    # Imported here, not at the top: FastAPI is an optional dependency (the [ui] extra). The
+    # endpoints' annotations are evaluated at definition, so FastAPI sees these very classes.
+    from fastapi import APIRouter
+    from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request as HTTPRequest
+
+    router = APIRouter(prefix="/sdapi/v1", route_class=json_errors_route())
     pipe = generation.pipe
     sampler = pipe.scheduler.sampler_name
 

@@ -7,15 +7,14 @@ the prompts and a big Generate button on top, the parameters on the left and the
 
 The UI never calls the Pipeline itself, so web users and API clients wait in the one line.
 Everything the page loads comes from this process (Gradio's default theme ships its fonts).
+Gradio is an optional dependency (the [ui] extra), imported where it is used. Annotations are
+evaluated at definition (no `from __future__ import annotations`): Gradio reads them to pass
+gr.Request and gr.SelectData in.
 """
-from __future__ import annotations
-
 import html
 import tempfile
 import time
 from pathlib import Path
-
-import gradio as gr
 
 from .. import __version__
 from ..pnginfo import png_info
@@ -32,8 +31,10 @@ SYNTAX_NOTE = ("AUTOMATIC1111's syntax: (word:1.2) weighs a word by 1.2, (word) 
                "BREAK starts a new 75-token chunk.")
 
 
-def build_ui(generation: GenerationQueue, info) -> gr.Blocks:
-    """The page; `info` is the server's ServerInfo (model name, limits, native size)."""
+def build_ui(generation: GenerationQueue, info):
+    """The page, a gr.Blocks; `info` is the server's ServerInfo (model name, limits, native size)."""
+    import gradio as gr
+
     with gr.Blocks(title=f"minisd: {info.model_name}", delete_cache=(3600, 3600)) as ui:
         gr.Markdown(f"## minisd · {info.model_name}")
         with gr.Tabs():
@@ -47,6 +48,8 @@ def build_ui(generation: GenerationQueue, info) -> gr.Blocks:
 
 def generation_tab(generation: GenerationQueue, info, img2img: bool) -> None:
     """One tab: its controls, named by the Request fields they fill, and its Generate event."""
+    import gradio as gr
+
     tab, limits, pipe = "img2img" if img2img else "txt2img", info.limits, generation.pipe
     factor = pipe.vae.downscale_factor  # sizes are multiples of it
     fields = {}  # Request field name -> the control that gives it
@@ -133,18 +136,19 @@ def generation_tab(generation: GenerationQueue, info, img2img: bool) -> None:
     generate.click(run, inputs_kwargs=fields, outputs=outputs, concurrency_limit=None,
                    show_progress="hidden")  # follow() shows it
     stop.click(stop_job, None, None)
+    def selected_parameters(state: dict, event: gr.SelectData) -> str:
+        return state["infotexts"][event.index]
+
     gallery.select(selected_parameters, shown, parameters)
     random_seed.click(lambda: -1, None, seed)
     reuse_seed.click(lambda state: state["seeds"][0] if state["seeds"] else -1, shown, seed)
 
 
-def selected_parameters(state: dict, event: gr.SelectData) -> str:
-    return state["infotexts"][event.index]
-
-
 def make_request(values: dict) -> Request:
     """The UI's values, keyed by Request field, as a Request: sliders give floats, 0 sizes mean
     "the image's", an image is a list of one."""
+    import gradio as gr
+
     image = values.get("init_images")
     if "init_images" in values and image is None:
         raise gr.Error("Image: upload one to start from.", print_exception=False)
@@ -158,6 +162,8 @@ def make_request(values: dict) -> Request:
 
 def submit(generation: GenerationQueue, request: Request) -> Job:
     """Queue the request; a field it cannot have is shown under the UI's name for it."""
+    import gradio as gr
+
     try:
         return generation.submit(request)
     except RequestError as e:
@@ -170,6 +176,8 @@ def follow(generation: GenerationQueue, job: Job):
     the API's /interrupt): its place in the queue, then its steps. Gradio closes this generator
     when the page goes away, and that cancels the job, so it never holds up the queue.
     Quirk: a yield from the event hides gr.Progress's bar, so the bar is ours."""
+    import gradio as gr
+
     try:
         while not job.wait(POLL_SECONDS) and not job.cancelled:
             if job.state == "queued":
