@@ -125,6 +125,11 @@ CASES = [
 ]
 
 
+def test_the_package_exports_the_parser():
+    import minisd
+    assert minisd.parse_prompt_attention is parse_prompt_attention
+
+
 @pytest.mark.parametrize("text, expected", A1111_DOCSTRING + CASES)
 def test_parse(text, expected):
     got = parse_prompt_attention(text)

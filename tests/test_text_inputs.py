@@ -283,23 +283,6 @@ def test_clip_skip_zero_is_none(ours_current):
 # prompt_syntax="a1111"
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [  # examples from A1111's parse_prompt_attention docstring
-    ("normal text", [("normal text", 1.0)]),
-    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
-    ("(unbalanced", [("unbalanced", 1.1)]),
-    (r"\(literal\]", [("(literal]", 1.0)]),
-    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
-    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
-     [("a ", 1.0), ("house", 1.573), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
-      (", sun, ", 1.1), ("sky", 1.4641), (".", 1.1)]),
-])
-def test_parse_prompt_attention_as_a1111(text, expected):
-    from minisd import parse_prompt_attention
-    got = parse_prompt_attention(text)
-    assert [t for t, _ in got] == [t for t, _ in expected]
-    assert [w for _, w in got] == pytest.approx([w for _, w in expected], rel=1e-6)
-
-
 def test_chunks_of_the_weighted_prompt(ours_current, reference):
     """The reference's inputs: chunk_prompt's ids are CLIP's tokens of the text without the
     brackets, each weighted by its fragment ((x:1.3) -> 1.3, [x] -> 1/1.1)."""
