@@ -29,10 +29,10 @@ from pathlib import Path
 
 from .errors import InputError
 from .files import read_image, save_png_atomically
+from .img2img import DEFAULT_STRENGTH, check_strength
 from .pnginfo import generation_parameters
-from .runtime import ProgressBar
+from .runtime import MAX_SEED, ProgressBar
 
-MAX_SEED = 2**64 - 1
 # What a .jsonl line may set, and the type each must have.
 LINE_FIELDS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": (int, float),
                "width": int, "height": int, "init_image": str, "strength": (int, float)}
@@ -299,8 +299,6 @@ def _plan(args, prompts, pipe) -> str:
 def _check_items(items: list[Item], pipe, args) -> None:
     """What would fail halfway fails now, naming the option or the file and line: sizes,
     steps, strengths, init images."""
-    from .img2img import check_strength
-
     f, most = pipe.vae.downscale_factor, pipe.scheduler.config.num_train_timesteps
     width, height = args.size or (args.width, args.height)
     for name, value in (("width", width), ("height", height)):
@@ -319,7 +317,7 @@ def _check_items(items: list[Item], pipe, args) -> None:
             raise InputError(f"{where}: steps must lie in [1, {most}], got {item.steps}")
         if item.init_image is not None:
             try:
-                check_strength(0.8 if item.strength is None else item.strength, item.steps, most)
+                check_strength(DEFAULT_STRENGTH if item.strength is None else item.strength, item.steps, most)
             except InputError as e:
                 raise InputError(f"{where}: {e}") from None
             if item.init_image not in checked_images:
@@ -350,7 +348,7 @@ def _work(pipe, args, workers: Workers, folder: Folder, todo: list[Item], done_b
                        generator=[torch.Generator().manual_seed(item.seed)], image=image, strength=item.strength,
                        clip_skip=args.clip_skip - 1, prompt_syntax=args.prompt_syntax)
             picture = out.images[0]
-            strength = (0.8 if item.strength is None else item.strength) if image is not None else None
+            strength = (DEFAULT_STRENGTH if item.strength is None else item.strength) if image is not None else None
             text = generation_parameters(item.prompt, item.negative_prompt, item.steps, pipe.scheduler.sampler_name,
                                          item.guidance, item.seed, picture.width, picture.height, pipe.name,
                                          denoising_strength=strength, clip_skip=args.clip_skip)

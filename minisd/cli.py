@@ -20,15 +20,15 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CheckpointError, InputError, MinisdError
-from .folders import cache_entry, newest_snapshot
 from .files import read_image, save_png_atomically
+from .folders import cache_entry, newest_snapshot
+from .img2img import DEFAULT_STRENGTH
 from .pnginfo import generation_parameters
+from .runtime import MAX_SEED
 
 HUB_REPO = "OFA-Sys/small-stable-diffusion-v0"
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "minisd-shapes"
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-DEFAULT_STRENGTH = 0.8  # img2img, as the pipeline's (and diffusers') default
 
 GET_WEIGHTS = ("no model found. Download OFA-Sys/small-stable-diffusion-v0 (e.g. `huggingface-cli "
                "download OFA-Sys/small-stable-diffusion-v0`) and pass its folder with --model or "

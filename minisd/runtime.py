@@ -15,6 +15,7 @@ import torch
 
 from .errors import InputError, MinisdError, ResourceError
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 

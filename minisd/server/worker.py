@@ -26,9 +26,8 @@ from ..errors import InputError
 from ..img2img import check_strength
 from ..pipeline import Pipeline
 from ..pnginfo import generation_parameters
-
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
-PROMPT_SYNTAXES = ("a1111", "plain")
+from ..runtime import MAX_SEED
+from ..text_conditioning import PROMPT_SYNTAXES
 
 
 @dataclass(frozen=True)
@@ -257,7 +256,7 @@ class GenerationQueue:
         r, pipe = job.request, self.pipe
         img2img = r.init_images is not None
         width, height = output_size(r, pipe)
-        job.steps = min(int(r.steps * r.denoising_strength), r.steps) if img2img else r.steps
+        job.steps = r.steps - check_strength(r.denoising_strength, r.steps) if img2img else r.steps
         seeds = [job.seed + i for i in range(r.count)]
 
         def on_step(_pipe, i, _t, tensors):
