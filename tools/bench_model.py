@@ -17,7 +17,9 @@ image, 3.8 GFLOP a step less: 1.6% at 256x256).
 The matrix-product peak is the best of a few 4096^3 products on a CPU (8192^3 on CUDA) in each
 dtype; bench.py measures it before and after every group and keeps the best. On CUDA, fp32
 convolutions use TF32 by PyTorch's default while the fp32 peak is a true fp32 product, so fp32
-modes can show over 100% of it.
+modes can show over 100% of it. The int8 peak (for the int8 modes) is torch._int_mm's, int8 x
+int8 -> int32, counted as 2*M*N*K operations like a float product; None where torch has no
+int8 product for the device.
 """
 from __future__ import annotations
 
@@ -113,6 +115,24 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     del a, b
     if device.type == "cuda":
         torch.cuda.empty_cache()  # leave the GPU's memory to the workers
+    return 2 * n ** 3 / best / 1e9
+
+
+def int8_matmul_peak(device: torch.device) -> float | None:
+    """Best GOP/s of torch._int_mm on 4096^3 int8 matrices (int32 out), or None where it cannot
+    run: a private op, so its absence or refusal is expected, not an error."""
+    n, tries = 4096, 3
+    g = torch.Generator().manual_seed(0)
+    try:
+        a, b = (torch.randint(-128, 128, (n, n), generator=g, dtype=torch.int8).to(device) for _ in range(2))
+        torch._int_mm(a, b).sum().item()  # warm-up, and the check that it runs here at all
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+    best = math.inf
+    for _ in range(tries):
+        seconds, _ = timed(device, lambda: torch._int_mm(a, b))
+        best = min(best, seconds)
+    del a, b
     return 2 * n ** 3 / best / 1e9
 
 
