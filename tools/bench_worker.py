@@ -18,9 +18,16 @@ time are its own.
   VAE decode. Calling the modules directly instead would time other code than the pipeline
   runs (minisd computes the cross-attention K/V once per image) and recompile the compiled modes.
 
-The spec a worker gets is plain data: the mode's name, `lib` (diffusers or minisd), `dtype`,
-`compiled`, and `minisd_from`: a checkout whose minisd a baseline worker imports instead of
-the installed one. The parent drives a worker through `Worker`: load, first, rep, close.
+The spec a worker gets is plain data: the mode's name, `lib` (diffusers, minisd or openvino),
+`dtype`, `compiled`, and `minisd_from`: a checkout whose minisd a baseline worker imports
+instead of the installed one. The parent drives a worker through `Worker`: load, first, rep,
+close.
+
+dtype int8: the UNet in int8 (weights and activations, static scales), the rest in bf16 (the
+text encoder as each library runs it). minisd: `from_pretrained(dtype=bfloat16,
+quantize="int8", compile=...)` (always compiled: `--minisd-compile`); a minisd without
+`quantize=` fails the mode rather than run bf16 under the int8 name. openvino (bf16 or int8):
+diffusers' pipeline with an OpenVINO UNet and VAE decoder, built by tools/bench_openvino.py.
 """
 from __future__ import annotations
 
@@ -89,14 +96,17 @@ class Session:
 
     def __init__(self, spec: dict):
         self.spec = spec
-        self.device, dtype = torch.device(spec["device"]), DTYPES[spec["dtype"]]
+        self.device = torch.device(spec["device"])
+        # int8 modes load everything but the UNet in bf16 (the UNet's int8 is the quantizer's).
+        dtype = torch.bfloat16 if spec["dtype"] == "int8" else DTYPES[spec["dtype"]]
         self.notes: list[str] = []  # how this mode ran, shown under the table
         if self.device.type == "cuda":  # start CUDA outside the load time
             torch.zeros(1, device=self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         # Imports are timed apart: load time is from_pretrained (and the compile setup) alone.
         self.import_s, pipeline_cls = timed(self.device, self._import)
-        load = self._load_diffusers if spec["lib"] == "diffusers" else self._load_minisd
+        load = {"diffusers": self._load_diffusers, "minisd": self._load_minisd,
+                "openvino": self._load_openvino}[spec["lib"]]
         self.load_s, self.pipe = timed(self.device, lambda: load(pipeline_cls, Path(spec["folder"]), dtype))
         # Plain attribute writes: diffusers' pipeline __setattr__ would re-register the components.
         self.unet, self.vae = CallTimer(self.pipe.unet, self.device), CallTimer(self.pipe.vae, self.device)
@@ -119,6 +129,10 @@ class Session:
 
         for library in (diffusers, transformers):
             library.utils.logging.disable_progress_bar()
+        if self.spec["lib"] == "openvino":  # fail here, before any loading, when it is missing
+            from bench_openvino import import_openvino
+
+            import_openvino(int8=self.spec["dtype"] == "int8")
         return diffusers.StableDiffusionPipeline
 
     def _find_minisd(self) -> None:
@@ -152,10 +166,25 @@ class Session:
             self.notes.append(f"fused QKV, channels_last, compile(mode={self.spec['diffusers_compile_mode']!r})")
         return pipe
 
+    def _load_openvino(self, pipeline_cls, folder: Path, dtype: torch.dtype):
+        from bench_openvino import load_openvino_pipeline
+
+        s = self.spec
+        return load_openvino_pipeline(pipeline_cls, folder, s["size"], s["steps"], GUIDANCE,
+                                      int8=s["dtype"] == "int8", notes=self.notes)
+
     def _load_minisd(self, pipeline_cls, folder: Path, dtype: torch.dtype):
+        int8 = self.spec["dtype"] == "int8"  # bench marks minisd-int8 compiled: PT2E's int8 kernels are inductor's
         option = self.spec["minisd_compile"] if self.spec["compiled"] else False
-        has_compile = "compile" in inspect.signature(pipeline_cls.from_pretrained).parameters
+        parameters = inspect.signature(pipeline_cls.from_pretrained).parameters
+        has_compile = "compile" in parameters
         kwargs = {"compile": option} if option is not False and has_compile else {}
+        if int8:
+            if "quantize" not in parameters:
+                raise WorkerError("this minisd has no quantize= in Pipeline.from_pretrained: "
+                                  "minisd-int8 would run bf16, so it does not run")
+            kwargs["quantize"] = "int8"
+            self.notes.append("quantize='int8'")
         pipe = pipeline_cls.from_pretrained(folder, device=self.device, dtype=dtype, safety_checker=None, **kwargs)
         if option is not False and not has_compile:
             # Until minisd's own compile= lands: compile the UNet here, and say so.
@@ -179,7 +208,7 @@ class Session:
         first = self.image()
         return {"import_s": self.import_s, "load_s": self.load_s, "first_image_s": first["e2e_s"],
                 "first_unet_s": first["unet_first_s"], "first_vae_s": first["vae_s"], "image": first["image"],
-                "peak_mem_first": self.peak_memory(), "note": ", ".join(self.notes)}
+                "peak_mem_first": self.peak_memory(), "note": "; ".join(self.notes)}
 
     def rep(self) -> dict:
         out = self.image()
