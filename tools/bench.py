@@ -4,6 +4,8 @@
     python tools/bench.py --modes diffusers-fp32,minisd-fp32 --repeats 5 --json /tmp/bench.json
     python tools/bench.py --device cuda --size 512 --steps 25 --diffusers-compiled
     python tools/bench.py --tiny --size 64 --steps 2        # a smoke test of the tool itself
+    python tools/bench.py --openvino                        # the defaults and OpenVINO bf16 and int8
+    python tools/bench.py --modes diffusers-bf16,minisd-int8,openvino-int8 --repeats 2
     git worktree add /tmp/minisd-base HEAD~1 && python tools/bench.py --baseline /tmp/minisd-base
                                                             # a change's speed, before and after
 
@@ -11,7 +13,11 @@ Both libraries load the same folder of seeded random weights in small-sd's archi
 (tools/bench_model.py), run the same prompt, seed, size, steps and CFG scale, and each mode's
 image is kept for a PSNR parity check at the end.
 
-Modes are `LIB-DTYPE[-compiled]`: LIB is diffusers, minisd or baseline; DTYPE fp32, bf16 or fp16.
+Modes are `LIB-DTYPE[-compiled]`: LIB is diffusers, minisd, baseline or openvino; DTYPE fp32,
+bf16, fp16 or int8. int8 is the UNet in int8 (weights and activations, static scales) and
+everything else in bf16, the text encoder as each library runs it: minisd-int8 (and
+baseline-int8) is minisd's `quantize="int8"`, always compiled (`--minisd-compile`; no
+`-compiled` suffix), and fails where that minisd has no `quantize=`.
   minisd    this checkout's minisd (the one Python imports here). `-compiled` passes
             `compile=` to `Pipeline.from_pretrained` (True: minisd picks the mode it measured
             best; `--minisd-compile MODE` names one).
@@ -24,6 +30,12 @@ Modes are `LIB-DTYPE[-compiled]`: LIB is diffusers, minisd or baseline; DTYPE fp
             (`pipe.fuse_qkv_projections()`), channels_last UNet and VAE, the UNet under
             torch.compile (mode `reduce-overhead`, i.e. CUDA graphs, on a GPU; `default` on a CPU).
             Behind `--diffusers-compiled`, or name the mode in `--modes`.
+  openvino  a peer, CPU only: diffusers' pipeline (torch fp32 text encoder, the same scheduler
+            loop) with its UNet and VAE decoder converted to OpenVINO at the run's static shapes
+            and compiled with the bf16 hint; openvino-bf16 and openvino-int8 (the UNet through
+            nncf.quantize, calibrated on other prompts first). Conversion, calibration and
+            compiling are its load time (tools/bench_openvino.py). An optional tool dependency:
+            `pip install -c requirements-pins.txt openvino nncf`. Behind `--openvino`, or `--modes`.
 No global inductor setting is changed, so no mode tunes the compiler for another.
 
 How it measures: every mode runs in its own worker process, which times its load, its first
@@ -32,11 +44,13 @@ VAE decode inside it (tools/bench_worker.py). Alternation: the workers of a grou
 together and, for each repetition, each generates one image in turn (the order rotates every
 repetition); the table shows medians over the repetitions. Groups (`--group-by`): `dtype`
 (default on a CPU) holds at most three fp32 pipelines at once (about 12 GB at full size; five,
-about 20 GB, with --baseline) and then the half-precision ones; each group has its own
-diffusers eager baseline, so the ratios that matter are alternated; `none` (default on CUDA)
+about 20 GB, with --baseline) and then the half-precision ones, the int8 modes with bf16 (their
+ratios are against diffusers bf16); each group has its own diffusers eager baseline, so the
+ratios that matter are alternated; `none` (default on CUDA)
 alternates every mode; `mode` runs one mode at a time (least memory, no alternation).
 Achieved GFLOP/s compare with FLOPs counted on the model and a matrix-product peak measured
-in the same run (tools/bench_model.py); the ratios and the parity thresholds are in
+in the same run (tools/bench_model.py; int8 modes against both the int8 peak, torch._int_mm's,
+and the bf16 one); the ratios and the parity thresholds are in
 tools/bench_report.py. Exit status 1 when a parity check fails or a mode errors.
 """
 from __future__ import annotations
@@ -57,12 +71,17 @@ from pathlib import Path
 
 import torch
 
-from bench_model import DTYPES, GUIDANCE, PROMPT, SEED, count_flops, device_name, matmul_peak, model_folder
+from bench_model import (DTYPES, GUIDANCE, PROMPT, SEED, count_flops, device_name, int8_matmul_peak, matmul_peak,
+                         model_folder)
 from bench_report import LIBS, print_table, summarize
 from bench_worker import Worker, WorkerError
 
 ROOT = Path(__file__).resolve().parents[1]
-MODE_RE = re.compile(r"^(diffusers|minisd|baseline)-(fp32|bf16|fp16)(-compiled)?$")
+MODE_RE = re.compile(r"^(diffusers|minisd|baseline|openvino)-(fp32|bf16|fp16|int8)(-compiled)?$")
+# What each library can run: openvino is the bf16 hint on a CPU; only minisd quantizes to int8
+# in torch (diffusers' int8 would be a recipe of bench's, not the library's own way).
+LIB_DTYPES = {"diffusers": ("fp32", "bf16", "fp16"), "minisd": ("fp32", "bf16", "fp16", "int8"),
+              "baseline": ("fp32", "bf16", "fp16", "int8"), "openvino": ("bf16", "int8")}
 START = time.perf_counter()
 
 
@@ -72,27 +91,39 @@ def log(msg: str) -> None:
 
 @dataclass(frozen=True)
 class Mode:
-    lib: str  # "diffusers", "minisd" or "baseline" (minisd from --baseline)
-    dtype: str  # "fp32", "bf16", "fp16"
-    compiled: bool
+    lib: str  # "diffusers", "minisd", "baseline" (minisd from --baseline) or "openvino"
+    dtype: str  # "fp32", "bf16", "fp16", "int8"
+    compiled: bool  # torch.compile: minisd-int8 always (implied, no suffix), openvino never
 
     @classmethod
     def parse(cls, name: str) -> "Mode":
         m = MODE_RE.match(name.strip())
         if not m:
-            raise ValueError(f"bad mode {name!r}: expected LIB-DTYPE[-compiled], LIB diffusers|minisd|baseline, "
-                             f"DTYPE fp32|bf16|fp16")
-        return cls(m[1], m[2], bool(m[3]))
+            raise ValueError(f"bad mode {name!r}: expected LIB-DTYPE[-compiled], LIB diffusers|minisd|baseline|"
+                             f"openvino, DTYPE fp32|bf16|fp16|int8")
+        lib, dtype, compiled = m[1], m[2], bool(m[3])
+        if dtype not in LIB_DTYPES[lib]:
+            raise ValueError(f"bad mode {name!r}: {lib} runs {', '.join(LIB_DTYPES[lib])}")
+        if compiled and (lib == "openvino" or dtype == "int8"):
+            raise ValueError(f"bad mode {name!r}: openvino and int8 modes take no -compiled "
+                             f"(OpenVINO compiles at load; minisd-int8 always compiles)")
+        return cls(lib, dtype, compiled or (dtype == "int8" and lib != "openvino"))
 
     @property
     def name(self) -> str:
-        return f"{self.lib}-{self.dtype}" + ("-compiled" if self.compiled else "")
+        return f"{self.lib}-{self.dtype}" + ("-compiled" if self.compiled and self.dtype != "int8" else "")
 
-    def sort_key(self):  # running order: eager before compiled, fp32 first, then LIBS' order
-        return self.compiled, self.dtype != "fp32", LIBS.index(self.lib)
+    @property
+    def group(self) -> str:
+        """The dtype group it alternates in: int8 modes run everything but the UNet in bf16 and
+        are compared with diffusers bf16, so they go with bf16."""
+        return "bf16" if self.dtype == "int8" else self.dtype
+
+    def sort_key(self):  # running order: eager before compiled, fp32 first, int8 last, then LIBS' order
+        return self.compiled, self.dtype != "fp32", self.dtype == "int8", LIBS.index(self.lib)
 
 
-def default_modes(device: str, diffusers_compiled: bool, baseline: bool) -> list[Mode]:
+def default_modes(device: str, diffusers_compiled: bool, baseline: bool, openvino: bool = False) -> list[Mode]:
     half = "fp16" if device == "cuda" else "bf16"
     names = ["diffusers-fp32", "minisd-fp32", "minisd-fp32-compiled",
              f"diffusers-{half}", f"minisd-{half}", f"minisd-{half}-compiled"]
@@ -100,12 +131,14 @@ def default_modes(device: str, diffusers_compiled: bool, baseline: bool) -> list
         names.append(f"diffusers-{half}-compiled")
     if baseline:
         names += [n.replace("minisd-", "baseline-") for n in names if n.startswith("minisd-")]
+    if openvino:
+        names += ["openvino-bf16", "openvino-int8"]
     return [Mode.parse(n) for n in names]
 
 
 def worker_spec(mode: Mode, args, folder: Path) -> dict:
     """What a worker needs to know, as plain data (bench_worker's docstring says what each is)."""
-    return {"mode": mode.name, "lib": "diffusers" if mode.lib == "diffusers" else "minisd",
+    return {"mode": mode.name, "lib": "minisd" if mode.lib == "baseline" else mode.lib,
             "dtype": mode.dtype, "compiled": mode.compiled,
             "minisd_from": str(args.baseline) if mode.lib == "baseline" else None,
             "folder": str(folder), "device": args.device, "size": args.size, "steps": args.steps,
@@ -173,8 +206,8 @@ def group_modes(modes: list[Mode], group_by: str) -> list[list[Mode]]:
         return [sorted(modes, key=Mode.sort_key)]
     if group_by == "mode":
         return [[m] for m in sorted(modes, key=Mode.sort_key)]
-    dtypes = sorted({m.dtype for m in modes}, key=lambda d: d != "fp32")
-    return [sorted((m for m in modes if m.dtype == d), key=Mode.sort_key) for d in dtypes]
+    groups = sorted({m.group for m in modes}, key=list(DTYPES).index)  # fp32 first
+    return [sorted((m for m in modes if m.group == g), key=Mode.sort_key) for g in groups]
 
 
 def main(argv=None) -> int:
@@ -184,11 +217,14 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256, help="image height and width (default 256)")
     p.add_argument("--steps", type=int, default=10, help="DPM-Solver++ steps (default 10)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per mode (default 3)")
-    p.add_argument("--modes", help="comma-separated LIB-DTYPE[-compiled] (default: see the docstring)")
+    p.add_argument("--modes", help="comma-separated LIB-DTYPE[-compiled]: LIB diffusers, minisd, baseline, "
+                   "openvino; DTYPE fp32, bf16, fp16, int8 (default: see the docstring)")
     p.add_argument("--baseline", type=Path, metavar="PATH",
                    help="another minisd checkout, run as the baseline-* modes (before/after a change)")
     p.add_argument("--diffusers-compiled", action="store_true",
                    help="add diffusers' compiled half-precision mode to the default modes")
+    p.add_argument("--openvino", action="store_true",
+                   help="add openvino-bf16 and openvino-int8 to the default modes (needs openvino and nncf)")
     p.add_argument("--minisd-compile", default="auto",
                    help="compile= for minisd's compiled modes: auto (True) or a torch.compile mode")
     p.add_argument("--diffusers-compile-mode", help="torch.compile mode of diffusers' compiled modes "
@@ -207,14 +243,16 @@ def main(argv=None) -> int:
 
     if args.size % 8 or args.size <= 0:
         p.error("--size must be a positive multiple of 8")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: torch sees no CUDA device")
     try:
         modes = ([Mode.parse(m) for m in args.modes.split(",") if m.strip()] if args.modes
-                 else default_modes(args.device, args.diffusers_compiled, args.baseline is not None))
+                 else default_modes(args.device, args.diffusers_compiled, args.baseline is not None, args.openvino))
     except ValueError as e:
         p.error(str(e))
     modes = list(dict.fromkeys(modes))
+    if args.device != "cpu" and any(m.lib == "openvino" for m in modes):
+        p.error("openvino modes run on the CPU only (--device cpu)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
     if args.baseline is not None:
         args.baseline = args.baseline.expanduser().resolve()
         if not (args.baseline / "minisd" / "__init__.py").is_file():
@@ -238,12 +276,18 @@ def main(argv=None) -> int:
     flops = count_flops(folder, args.size)
     peaks, peak_samples = {}, {}
 
+    # int8 modes are shown against the int8 peak and the bf16 one (the rest of them is bf16).
+    peak_dtypes = {m.dtype for m in modes} | {m.group for m in modes}
+
     def measure_peaks():  # before and after each group; the best counts (a shared CPU varies)
-        for dtype in sorted({m.dtype for m in modes}, key=list(DTYPES).index):
-            gflops = matmul_peak(device, DTYPES[dtype])
+        for dtype in sorted(peak_dtypes, key=[*DTYPES, "int8"].index):
+            gflops = int8_matmul_peak(device) if dtype == "int8" else matmul_peak(device, DTYPES[dtype])
+            if gflops is None:
+                log(f"matmul peak {dtype}: torch._int_mm does not run here; int8 modes' %peak is against bf16")
+                continue
             peak_samples.setdefault(dtype, []).append(gflops)
             peaks[dtype] = max(peak_samples[dtype])
-            log(f"matmul peak {dtype}: {gflops:.0f} GFLOP/s")
+            log(f"matmul peak {dtype}: {gflops:.0f} G{'OP' if dtype == 'int8' else 'FLOP'}/s")
 
     measure_peaks()
     meta = {"device": args.device, "device_name": device_name(device), "size": args.size, "steps": args.steps,

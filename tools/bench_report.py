@@ -12,7 +12,13 @@ repetitions, the first image's numbers, the image itself) and what the mode is (
   fp32. minisd fp32 must reach FP32_MIN_PSNR_DB against diffusers fp32, or diffusers' own
   half-precision PSNR if that is lower (CUDA's default TF32 convolutions make "fp32" about
   fp16-precise); a minisd half-precision mode must come within HALF_MARGIN_DB of diffusers'
-  image in that dtype (both against diffusers fp32). Baseline modes are shown, not judged.
+  image in that dtype (both against diffusers fp32); minisd-int8 must reach INT8_MIN_PSNR_DB
+  against diffusers fp32 (there is no diffusers int8 to compare with). Baseline and openvino
+  modes are shown, not judged.
+- GFLOP/s and %peak: the UNet step's FLOPs (the float model's count, int8 operations counted
+  alike) over its median time, against the matrix-product peak of the mode's dtype; int8 modes
+  also against the bf16 peak (their other ops run in bf16), and against bf16 alone when no
+  int8 peak could be measured (`pct_peak_of` says which).
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ from bench_model import GUIDANCE
 
 FP32_MIN_PSNR_DB = 40.0  # minisd fp32 vs diffusers fp32, same seed, whole pipeline (or less: parity_checks)
 HALF_MARGIN_DB = 3.0  # minisd half vs diffusers fp32 may be this much below diffusers half's PSNR
-LIBS = ("diffusers", "baseline", "minisd")  # the table's order within a dtype
+INT8_MIN_PSNR_DB = 30.0  # minisd int8 (UNet int8, rest bf16) vs diffusers fp32
+LIBS = ("diffusers", "baseline", "minisd", "openvino")  # the table's order within a dtype
 
 
 def psnr(a, b) -> float:
@@ -48,7 +55,11 @@ def summarize(results: dict, flops: dict, peaks: dict, steps: int) -> dict:
             if r["compiled"]:
                 r["compile_s"] = r["first_image_s"] - r["e2e_s"]
             r["unet_gflops"] = flops["unet_step"] / r["unet_s"] / 1e9
-            r["unet_pct_peak"] = 100 * r["unet_gflops"] / peaks[r["dtype"]]
+            # An int8 mode with no int8 peak (torch._int_mm missing) is measured against bf16.
+            r["pct_peak_of"] = r["dtype"] if r["dtype"] in peaks else "bf16"
+            r["unet_pct_peak"] = 100 * r["unet_gflops"] / peaks[r["pct_peak_of"]]
+            if r["dtype"] == "int8":
+                r["unet_pct_peak_bf16"] = 100 * r["unet_gflops"] / peaks["bf16"]
             r["vae_gflops"] = flops["vae_decode"] / r["vae_s"] / 1e9
             r["e2e_gflops"] = (steps * flops["unet_step"] + flops["vae_decode"]) / r["e2e_s"] / 1e9
 
@@ -91,6 +102,10 @@ def parity_checks(results: dict) -> list[dict]:
             checks.append({"check": f"minisd-{half} vs diffusers-fp32", "psnr_db": ours,
                            "need_db": need, "reference": f"diffusers-{half} vs diffusers-fp32: {theirs:.1f} dB",
                            "ok": ours >= need or (math.isinf(ours) and math.isinf(theirs))})
+    for int8 in ("minisd-int8",):
+        if p(int8) is not None:
+            checks.append({"check": f"{int8} vs diffusers-fp32", "psnr_db": p(int8),
+                           "need_db": INT8_MIN_PSNR_DB, "ok": p(int8) >= INT8_MIN_PSNR_DB})
     return checks
 
 
@@ -103,8 +118,9 @@ def fmt(value, spec: str, scale: float = 1.0) -> str:
 
 
 def table_key(r: dict):
-    """By dtype (fp32 first), then eager before compiled, then LIBS' order."""
-    return r["dtype"] != "fp32", r["compiled"], LIBS.index(r["lib"])
+    """By dtype (fp32 first, int8 after the half-precision modes), then eager before compiled,
+    then LIBS' order."""
+    return r["dtype"] != "fp32", r["dtype"] == "int8", r["compiled"], LIBS.index(r["lib"])
 
 
 def print_table(results: dict, summary: dict, meta: dict) -> None:
@@ -114,6 +130,9 @@ def print_table(results: dict, summary: dict, meta: dict) -> None:
             ("GFLOP/s", ">8"), ("%peak", ">6"), ("VAE ms", ">8"), ("load s", ">7"), ("1st img s", ">9"),
             ("compile s", ">9"),
             (mem_label + " GB", ">11"), ("PSNR d32", ">8"), ("PSNR m32", ">8")]
+    int8_rows = any(r["dtype"] == "int8" for r in results.values())
+    if int8_rows:  # int8 modes' % of the bf16 peak, beside their % of the int8 peak
+        cols.insert(7, ("%bf16pk", ">7"))
     done = sorted({len(r.get("e2e_s_all", [])) for r in results.values()} - {0}) or [0]
     runs = str(done[0]) if len(done) == 1 else f"{done[0]}-{done[-1]}"
     print(f"\n{meta['size']}x{meta['size']}, {meta['steps']} steps, CFG {GUIDANCE}, {meta['device']} "
@@ -121,12 +140,14 @@ def print_table(results: dict, summary: dict, meta: dict) -> None:
           f"diffusers {meta['diffusers']}")
     print(f"FLOPs: CFG UNet step {meta['flops']['unet_step'] / 1e9:.1f} G, VAE decode "
           f"{meta['flops']['vae_decode'] / 1e9:.1f} G; matmul peak "
-          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in meta["matmul_peak_gflops"].items()))
+          + ", ".join(f"{k} {v:.0f} " + ("GOP/s (torch._int_mm)" if k == "int8" else "GFLOP/s")
+                      for k, v in meta["matmul_peak_gflops"].items()))
     print("  ".join(format(name, spec) for name, spec in cols))
     for name, r in sorted(results.items(), key=lambda item: table_key(item[1])):
         row = [name, fmt(r.get("e2e_s"), ".2f"), fmt(r.get("ratio_vs_diffusers_fp32"), ".2f"),
                fmt(r.get("ratio_vs_diffusers_best"), ".2f"), fmt(r.get("unet_s"), ".0f", 1e3),
                fmt(r.get("unet_gflops"), ".0f"), fmt(r.get("unet_pct_peak"), ".0f"),
+               *([fmt(r.get("unet_pct_peak_bf16"), ".0f")] if int8_rows else []),
                fmt(r.get("vae_s"), ".0f", 1e3), fmt(r.get("load_s"), ".1f"),
                fmt(r.get("to_first_image_s"), ".1f"), fmt(r.get("compile_s"), ".1f"),
                fmt(r.get("peak_mem", r.get("peak_mem_first")), ".2f", 1 / 2 ** 30),
@@ -135,9 +156,14 @@ def print_table(results: dict, summary: dict, meta: dict) -> None:
             row[1] = "ERROR" if "e2e_s" not in r else row[1]
         print("  ".join(format(v, spec) for v, (_, spec) in zip(row, cols)))
     print(f"/d-fp32, /d-best: s/image over diffusers-fp32's and over the fastest diffusers mode's "
-          f"({summary['diffusers_best'] or '-'}). GFLOP/s, %peak: the UNet step against the "
-          f"mode's dtype matmul peak. 1st img: load + first image (compile included). PSNR dB vs "
-          f"diffusers-fp32 (d32) and minisd-fp32 (m32).")
+          f"({summary['diffusers_best'] or '-'}). GFLOP/s, %peak: the UNet step (the float model's "
+          f"FLOPs) against the mode's dtype matmul peak"
+          + (", int8 modes' against the int8 peak and (%bf16pk) the bf16 one" if int8_rows else "")
+          + ". 1st img: load + first image (compile included; openvino's convert, calibrate and "
+          f"compile are in load). PSNR dB vs diffusers-fp32 (d32) and minisd-fp32 (m32).")
+    if any(r.get("pct_peak_of") == "bf16" and r["dtype"] == "int8" for r in results.values()):
+        print("No int8 matmul peak could be measured here (torch._int_mm): int8 modes' %peak is "
+              "against the bf16 peak.")
     if meta.get("baseline"):
         ratios = [f"{name} {r['ratio_vs_baseline']:.2f}" for name, r in results.items() if "ratio_vs_baseline" in r]
         print(f"baseline: minisd of {meta['baseline']}. minisd-X s/image over baseline-X's (below 1: "
