@@ -94,16 +94,36 @@ def apply_levers(levers: SpeedLevers, *models: nn.Module) -> None:
                 setattr(parent, name, IN_PLACE[type(layer)].of(layer))
 
 
+def rebuilt_as(cls: type, layer: nn.Module) -> nn.Module:
+    """An instance of `cls` holding `layer`'s very layers and parameters (no copies)."""
+    new = cls.__new__(cls)
+    # nn.Module keeps its settings and its registries (layers, parameters, hooks) in __dict__:
+    # share the values, copy the registries.
+    new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in layer.__dict__.items()})
+    return new
+
+
+def uncache_cross_kv(model: nn.Module) -> None:
+    """Turn `model`'s CachedCrossAttention layers back into plain cross-attention, in place.
+    For torch.compile with Inductor's freezing (compiling.py), which takes every tensor held
+    by a layer as a constant of the graph: the cached K/V of one prompt would be guarded on
+    and baked in, and each new prompt would recompile. The compiled graph projects the text
+    at every step instead (1.6% of a step at 256x256, fused by Inductor)."""
+    for parent in list(model.modules()):
+        for name, layer in parent.named_children():
+            if isinstance(layer, CachedCrossAttention):
+                plain = rebuilt_as(Attention, layer)
+                del plain.kv
+                setattr(parent, name, plain)
+
+
 class _Swapped(nn.Module):
     """A faster subclass of a model layer, made from a loaded layer by `of`."""
 
     @classmethod
     def of(cls, plain: nn.Module):
         """An instance of this class holding `plain`'s very layers and parameters (no copies)."""
-        fast = cls.__new__(cls)
-        # nn.Module keeps its settings and its registries (layers, parameters, hooks) in __dict__:
-        # share the values, copy the registries.
-        fast.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in plain.__dict__.items()})
+        fast = rebuilt_as(cls, plain)
         fast._setup()
         return fast
 

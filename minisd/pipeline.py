@@ -24,11 +24,13 @@ import torch
 from PIL import Image
 
 from .clip import CLIPTextModel, check_clip_skip, load_text_encoder
+from .compiling import compile_module
 from .dpm_solver import DPMSolverMultistep, load_scheduler
 from .errors import CheckpointError, InputError
 from .fast import SpeedLevers, apply_levers, text_kv_cached
 from .folders import find_model_folder, model_name, resolve_pretrained
 from .img2img import DEFAULT_STRENGTH, check_strength, prepare_images, resize_back
+from .int8 import Int8UNet, calibrate_int8, check_quantize
 from .runtime import (ProgressBar, check_device, check_dtype, check_finite, check_generators, check_memory, draw_noise,
                       text_dtype_for)
 from .safety import NOT_GIVEN, choose_safety_checker
@@ -70,6 +72,7 @@ class Pipeline:
                         compile: bool | str = False, levers: SpeedLevers = SpeedLevers(), *,
                         torch_dtype: torch.dtype | None = None, cache_dir: str | Path | None = None,
                         revision: str | None = None, local_files_only: bool | None = None,
+                        quantize: str | None = None, calibration_prompts: list[str] | None = None,
                         **components) -> "Pipeline":
         """Load every component of a diffusers pipeline folder, or of a hub id such as
         "OFA-Sys/small-stable-diffusion-v0" in the local Hugging Face cache (folders.py; never
@@ -78,12 +81,16 @@ class Pipeline:
         `unet=my_unet`) replaces the folder's. `levers`: the speed levers of fast.py applied to
         the UNet and VAE, those passed in too (changed in place); `SpeedLevers.none()` runs the
         models as written. `compile=True` (or a torch.compile mode) compiles the UNet and VAE
-        decoder. One generation at a time per Pipeline."""
+        decoder (compiling.py). `quantize="int8"`: static int8 for the UNet on x86 CPUs, calibrated
+        on `calibration_prompts` or fixed ones (int8.py; needs the `int8` extra). One generation
+        at a time per Pipeline."""
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise InputError(f"from_pretrained: dtype={dtype} and torch_dtype={torch_dtype} disagree; give one")
         dtype = check_dtype(dtype or torch_dtype or torch.float32, "torch_dtype" if torch_dtype else "dtype")
         folder = find_model_folder(resolve_pretrained(pretrained, cache_dir, revision))
         device = check_device(device)
+        if quantize is not None:
+            check_quantize(quantize, device)
         channels_last = levers.layouts(device, dtype)
         loaders = {"tokenizer": (load_tokenizer, None), "text_encoder": (load_text_encoder, text_dtype_for(dtype)),
                    "unet": (load_unet, dtype), "vae": (load_vae, dtype), "scheduler": (load_scheduler, None)}
@@ -105,6 +112,8 @@ class Pipeline:
         pipe.levers = levers
         pipe._set_layouts(device, dtype)  # no-ops, unless the caller passed components
         apply_levers(levers, pipe.unet, pipe.vae)
+        if quantize is not None:
+            pipe.quantize(quantize, calibration_prompts)
         if compile:
             pipe.compile(None if compile is True else compile)
         return pipe
@@ -122,6 +131,8 @@ class Pipeline:
                 raise InputError(f"Pipeline.to: expected a device (\"cuda\", \"cpu\", ...) and/or a torch dtype, "
                                  f"each once, got {arg!r:.80}")
         device = self.device if device is None else check_device(device)
+        if isinstance(self.unet, Int8UNet):
+            check_quantize("int8", device)  # its int8 graphs run on the CPU
         if dtype is None:
             self.text_encoder.to(device=device)
             dtype = self.dtype
@@ -142,18 +153,20 @@ class Pipeline:
             getattr(self, name).to(memory_format=torch.channels_last if last else torch.contiguous_format)
 
     def compile(self, mode: str | None = None) -> None:
-        """torch.compile the UNet and the VAE decoder in place (their state dicts keep their
-        keys). Compilation happens on the first image of each size and takes a while; later
-        images of that size reuse it. Static shapes, so steps and prompts of one size never
-        recompile. `mode=None` picks by device: "reduce-overhead" (CUDA graphs) on CUDA,
-        inductor's default on the CPU."""
-        if self.device.type == "cpu":
-            log.warning("torch.compile on the CPU: about 90 s of compiling, and for small-sd it measured "
-                        "no faster than eager in bf16 and slower in fp32 (README, Speed)")
-        if mode is None:
-            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        self.unet.compile(mode=mode, fullgraph=True, dynamic=False)
-        self.vae.decoder.compile(mode=mode, fullgraph=True, dynamic=False)
+        """torch.compile the UNet (unless int8, which compiles itself) and the VAE decoder in
+        place, with the settings compiling.py chose for the device. Each new size compiles on
+        its first image. `mode=None`: "reduce-overhead" (CUDA graphs) on CUDA, else the default."""
+        if not isinstance(self.unet, Int8UNet):
+            compile_module(self.unet, self.device, mode)
+        compile_module(self.vae.decoder, self.device, mode)
+
+    def quantize(self, method: str = "int8", calibration_prompts: list[str] | None = None) -> None:
+        """Static int8 for the UNet (int8.py): calibrated on the first image of each size from
+        generations of `calibration_prompts` (default: int8.CALIBRATION_PROMPTS) that this
+        pipeline runs itself at that size, then quantized and compiled."""
+        check_quantize(method, self.device)
+        if not isinstance(self.unet, Int8UNet):
+            self.unet = Int8UNet(self.unet, calibration_prompts)
 
     @property
     def device(self) -> torch.device:
@@ -213,6 +226,8 @@ class Pipeline:
         self._check_sizes(height, width)
         self._check_numbers(guidance_scale, num_images_per_prompt, guidance_rescale, output_type)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)  # checks the step count
+        if calibrate_int8(self, height, width):  # an int8 UNet's first image of this size ran generations
+            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         start = 0 if init is None else check_strength(DEFAULT_STRENGTH if strength is None else strength,
                                                       num_inference_steps, self.scheduler.config.num_train_timesteps)
         batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]

@@ -1,0 +1,72 @@
+"""torch.compile for the pipeline: which parts, with which Inductor settings, and why.
+
+`Pipeline.from_pretrained(..., compile=True)` compiles the UNet (it runs at every step) and
+the VAE decoder (once per image, as long as about two steps at 256x256). The text encoder
+runs once per generation, about 1% of an image: not worth its compile time. Shapes are
+static (`dynamic=False`): the first image of each size and batch compiles, later steps,
+prompts and seeds of that size reuse the code (tests/test_fast.py checks that nothing
+recompiles).
+
+On the CPU the setting that matters is Inductor's *freezing*: the weights are treated as
+constants of the graph, so they are folded and prepacked once into the blocked layouts
+oneDNN's convolution and matrix-product kernels want, and each convolution and linear is
+fused with the pointwise operations around it; OpenVINO's CPU plugin does the same when it
+compiles a model. It applies only to calls without autograd (the pipeline runs under
+`torch.no_grad`), and it must be set while Inductor compiles, which happens inside the first
+call: `compile_module` wraps the compiled call so the setting holds then and for any later
+recompile, without changing Inductor's global configuration for other code in the process.
+(Passing it as `torch.compile(options={"freezing": True})` does not reach the freezing pass
+in torch 2.13: an int8 graph then fails to prepack its weights.) What it measured is in
+README.md, Speed.
+
+Compiled code is cached on disk by Inductor (its FX graph cache, by default under
+/tmp/torchinductor_$USER; `TORCHINDUCTOR_CACHE_DIR` moves it): a second process with the same
+model, size and torch version skips code generation and the C++ compiler and pays only
+tracing. The frozen weights live in the compiled graph: change the model's weights after its
+first compiled call and the compiled code will not see it (compile again: `Pipeline.compile`).
+
+On CUDA, mode "reduce-overhead" (CUDA graphs); freezing is a CPU lever here. No GPU has
+measured this path yet.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .fast import uncache_cross_kv
+
+
+def inductor_settings(device: torch.device) -> dict:
+    """The Inductor configuration `compile_module` compiles under on this device."""
+    return {"freezing": True, "cpp_wrapper": True} if device.type == "cpu" else {}
+
+
+def default_mode(device: torch.device) -> str:
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
+def compile_module(module: nn.Module, device: torch.device, mode: str | None = None) -> None:
+    """torch.compile `module` in place (its state dict, attributes and hooks stay as they
+    are), static shapes and one graph for the whole forward, compiled under
+    `inductor_settings(device)`."""
+    if inductor_settings(device).get("freezing"):
+        uncache_cross_kv(module)  # its cached K/V would be frozen into the graph (fast.py says more)
+    module.compile(mode=mode or default_mode(device), fullgraph=True, dynamic=False)
+    settings = inductor_settings(device)
+    if settings:
+        # nn.Module.compile keeps the compiled call in `_compiled_call_impl`, which __call__
+        # uses; compilation itself happens inside that call, so the settings go around it.
+        module._compiled_call_impl = WithInductorSettings(module._compiled_call_impl, settings)
+
+
+class WithInductorSettings:
+    """A compiled callable run with `torch._inductor.config` patched to `settings`."""
+
+    def __init__(self, compiled, settings: dict):
+        self.compiled, self.settings = compiled, settings
+
+    def __call__(self, *args, **kwargs):
+        import torch._inductor.config as inductor_config  # loaded by torch.compile already
+
+        with inductor_config.patch(self.settings):
+            return self.compiled(*args, **kwargs)

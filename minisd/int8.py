@@ -1,0 +1,199 @@
+"""Static int8 for the UNet on x86 CPUs: PyTorch's PT2E quantization, lowered by Inductor to
+oneDNN's int8 convolutions and matrix products.
+
+    pipe = Pipeline.from_pretrained(folder, dtype=torch.bfloat16, quantize="int8")
+    pipe("a red cube")   # the first image of a size calibrates, quantizes and compiles
+
+The flow (https://pytorch.org/tutorials/prototype/pt2e_quant_x86_inductor.html), per input
+shape of the UNet:
+1. export: torch.export traces the float32 UNet at that shape into one graph;
+2. prepare: the x86 Inductor quantizer marks every convolution and linear for int8, weights
+   per output channel and activations per tensor, and puts an observer on each activation;
+3. calibrate: the observers watch the UNet's real inputs from a few generations the pipeline
+   ran itself (fixed prompts and seeds at the requested size, `calibration_prompts` to choose
+   your own), recorded before the first int8 image of that size;
+4. convert: observed ranges become scales and zero points, the graph quantize/dequantize pairs;
+5. compile: Inductor with freezing fuses each pair with its convolution or linear into one
+   oneDNN int8 kernel (compiling.py says why freezing).
+Activations between the int8 kernels (attention, normalisation, SiLU) run in float32; the
+UNet's inputs and output are cast from and back to the pipeline's dtype.
+
+The PT2E flow lives in torchao since torch 2.10 dropped its own copy: an optional extra
+(`pip install "minisd[int8]"`), imported only here and only when quantization is asked for.
+Calibration costs about as much as the float generations it records plus one observed UNet
+call per recorded step; compiling then takes about as long as for the float UNet.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import platform
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .compiling import WithInductorSettings, inductor_settings
+from .errors import InputError
+
+log = logging.getLogger("minisd")
+
+METHODS = ("int8",)
+# Calibration: a handful of generations of differing subjects and styles, fixed so that two
+# runs quantize alike. Each records every CFG UNet call of its steps.
+CALIBRATION_PROMPTS = (
+    "a photograph of a red fox standing in fresh snow",
+    "an oil painting of a busy city street at night, rain, reflections",
+    "a close-up portrait of an old fisherman, studio lighting",
+    "a bowl of fruit on a wooden kitchen table, watercolor",
+)
+CALIBRATION_SEED = 20240
+CALIBRATION_STEPS = 10
+MAX_OBSERVED_CALLS = 16  # observer passes per shape, spread evenly over the recorded calls
+
+
+def check_quantize(method, device: torch.device) -> None:
+    if method not in METHODS:
+        raise InputError(f"quantize: must be one of {', '.join(map(repr, METHODS))} or None, got {method!r:.80}")
+    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+        raise InputError(f"quantize={method!r}: runs on x86 CPUs (oneDNN's int8 kernels through Inductor); "
+                         f"this pipeline is on {device.type} ({platform.machine()})")
+
+
+def load_pt2e():
+    """torchao's PT2E functions, or a clear error naming the extra to install."""
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+    except ImportError as e:
+        raise InputError("quantize='int8' needs torchao, which holds PyTorch's PT2E int8 flow: "
+                         "pip install \"minisd[int8]\" (or pip install torchao)") from e
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    return prepare_pt2e, convert_pt2e, quantizer
+
+
+def check_calibration_prompts(prompts) -> tuple[str, ...]:
+    if prompts is None:
+        return CALIBRATION_PROMPTS
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = tuple(prompts)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise InputError("calibration_prompts: expected a non-empty list of non-empty prompts")
+    return prompts
+
+
+class Int8UNet:
+    """Stands in for the UNet in a pipeline: called as the UNet is, it runs the int8 graph
+    made for the inputs' shapes. Every other attribute (config, parameters, `.to`, ...) is the
+    float UNet's, which calibration runs and which stays the model's source of truth."""
+
+    def __init__(self, unet: nn.Module, calibration_prompts=None):
+        self.float_unet = unet
+        self.calibration_prompts = check_calibration_prompts(calibration_prompts)
+        self._pt2e = load_pt2e()
+        self._records: dict[tuple[int, int], list[tuple]] = {}  # (latent h, w) -> recorded UNet inputs
+        self._graphs: dict[tuple, object] = {}  # input shapes -> compiled int8 graph
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["float_unet"], name)
+
+    def __repr__(self) -> str:
+        return f"Int8UNet({len(self._graphs)} int8 graph(s), float UNet {type(self.float_unet).__name__})"
+
+    def float32_source(self) -> nn.Module:
+        """What export traces: a float32 copy of the UNet. A copy even when the UNet is float32:
+        the exported graph keeps references to its parameters, and `Pipeline.to(dtype)` must
+        not convert them under the int8 graph."""
+        return copy.deepcopy(self.float_unet).float()
+
+    def calibrated(self, latent_h: int, latent_w: int) -> bool:
+        return (latent_h, latent_w) in self._records
+
+    def add_calibration(self, records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Recorded UNet inputs (x, t, context), all of one latent size."""
+        if not records:
+            raise InputError("int8 calibration recorded no UNet calls")
+        h, w = records[0][0].shape[-2:]
+        self._records[(h, w)] = [tuple(a.detach().float() if a.is_floating_point() else a.detach() for a in r)
+                                 for r in records]
+
+    def __call__(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        key = (tuple(x.shape), tuple(t.shape), t.dtype, tuple(context.shape))
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = self._quantize(x, t, context)
+        with torch.no_grad():  # inference only, and Inductor freezes weights only without autograd
+            return graph(x.float(), t, context.float()).to(x.dtype)
+
+    def _quantize(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
+        records = self._records.get(tuple(x.shape[-2:]))
+        if records is None:
+            raise InputError(f"int8 UNet: not calibrated for latents of {tuple(x.shape[-2:])}; the pipeline "
+                             "calibrates before the first image of each size (call the pipeline, not the UNet)")
+        prepare_pt2e, convert_pt2e, quantizer = self._pt2e
+        log.info("int8: quantizing the UNet for inputs %s, context %s", tuple(x.shape), tuple(context.shape))
+        source = self.float32_source()
+        with torch.no_grad(), text_kv_off(source):
+            exported = torch.export.export(source, (x.float(), t, context.float()), strict=False).module()
+            observed = prepare_pt2e(exported, quantizer)
+            step = max(1, len(records) // MAX_OBSERVED_CALLS)
+            for i, record in enumerate(records[::step][:MAX_OBSERVED_CALLS]):
+                observed(*fit_record(record, i, x.shape[0], t, context.shape[1]))
+            converted = convert_pt2e(observed)
+        compiled = torch.compile(converted, fullgraph=True, dynamic=False)
+        return WithInductorSettings(compiled, inductor_settings(x.device))
+
+
+def fit_record(record: tuple, shift: int, batch: int, t: torch.Tensor, length: int) -> tuple:
+    """A recorded (x, t, context) reshaped to another batch and context length: rows taken
+    in turn (shifted per record, so a batch of one sees unconditional and conditional rows
+    alike) and the context's 77-token chunks repeated, as a long A1111 prompt's are."""
+    x, t_rec, context = record
+    rows = [(shift + i) % x.shape[0] for i in range(batch)]
+    context = context[rows]
+    if context.shape[1] != length:
+        context = context.repeat(1, math.ceil(length / context.shape[1]), 1)[:, :length]
+    return x[rows], t_rec.reshape(-1)[0].to(t.dtype).expand(t.shape), context
+
+
+def calibrate_int8(pipe, height: int, width: int) -> bool:
+    """Before an int8 UNet's first image of a size: record its float twin's inputs over the
+    calibration generations, run by `pipe` at that size. True if it ran (the pipeline's
+    scheduler then holds the calibration's timesteps)."""
+    unet = pipe.unet
+    f = pipe.vae.downscale_factor
+    if not isinstance(unet, Int8UNet) or unet.calibrated(height // f, width // f):
+        return False
+    prompts = unet.calibration_prompts
+    log.info("int8: calibrating the UNet at %dx%d on %d generations of %d steps (once per size)",
+             width, height, len(prompts), CALIBRATION_STEPS)
+    records = []
+    hook = unet.float_unet.register_forward_pre_hook(lambda _, inputs: records.append(inputs))
+    pipe.unet = unet.float_unet
+    try:
+        for i, prompt in enumerate(prompts):
+            pipe(prompt, height, width, num_inference_steps=CALIBRATION_STEPS, output_type="latent",
+                 generator=torch.Generator().manual_seed(CALIBRATION_SEED + i))
+    finally:
+        pipe.unet = unet
+        hook.remove()
+    unet.add_calibration(records)
+    return True
+
+
+@contextmanager
+def text_kv_off(unet: nn.Module) -> Iterator[None]:
+    """Export must trace the cross-attention's own K/V projections, not the values a running
+    generation cached in the same layers (fast.text_kv_cached)."""
+    saved = [(m, m.kv) for m in unet.modules() if hasattr(m, "kv")]
+    for module, _ in saved:
+        module.kv = []
+    try:
+        yield
+    finally:
+        for module, kv in saved:
+            module.kv = kv
