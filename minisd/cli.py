@@ -60,8 +60,11 @@ def build_parser() -> ArgumentParser:
                        help="auto (for the device chosen): float16 on CUDA, bfloat16 on CPUs with native bf16 "
                             "(AVX512-BF16, AMX), else float32")
     model.add_argument("--compile", action="store_true",
-                       help="torch.compile the UNet and VAE decoder: minutes of compiling on the first image; "
-                            "pays off on a GPU, not on the CPU")
+                       help="torch.compile the UNet and VAE decoder (on the CPU with frozen weights): the first "
+                            "image of a size compiles, for minutes; later ones, and later processes, reuse it")
+    model.add_argument("--int8", action="store_true",
+                       help="static int8 UNet on x86 CPUs (needs the int8 extra): the first image of a size "
+                            "calibrates on a few generations and compiles; combine with --compile")
     model.add_argument("--no-levers", action="store_true",
                        help="run the models exactly as written, without the speed levers of minisd/fast.py")
     model.add_argument("--no-safety-checker", action="store_true", help="do not filter images (logged)")
@@ -180,6 +183,8 @@ def load_pipeline(args: argparse.Namespace, before_loading=lambda: None):
     before_loading()
     extra = {"safety_checker": None} if args.no_safety_checker else {}
     levers = SpeedLevers.none() if args.no_levers else SpeedLevers()
+    if args.int8:
+        extra["quantize"] = "int8"
     return Pipeline.from_pretrained(model, device=device, dtype=dtype, compile=args.compile, levers=levers, **extra)
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from minisd import InputError, Pipeline
+from minisd.cli import main
 from minisd.int8 import CALIBRATION_PROMPTS, CALIBRATION_STEPS, Int8UNet, check_quantize, fit_record, load_pt2e
 
 pytest.importorskip("torchao", reason="the int8 extra (torchao) is part of the test extra")
@@ -27,6 +28,14 @@ RUN = dict(num_inference_steps=3, output_type="np", height=64, width=64)
 
 def rel_rms(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.float() - ref.float()).pow(2).mean().sqrt() / ref.float().pow(2).mean().sqrt()).item()
+
+
+@pytest.fixture
+def no_torchao(monkeypatch):
+    """As if the int8 extra were not installed: `import torchao` raises ImportError."""
+    for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchao", None)
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +107,15 @@ def test_bad_quantize_arguments(tiny_current):
     assert len(CALIBRATION_PROMPTS) >= 4
 
 
-def test_missing_torchao_names_the_extra(tiny_current, monkeypatch):
-    for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao now raises ImportError
+def test_missing_torchao_names_the_extra(tiny_current, no_torchao):
     with pytest.raises(InputError, match=r'pip install "minisd\[int8\]"'):
         Pipeline.from_pretrained(tiny_current, safety_checker=None, quantize="int8")
+
+
+def test_cli_int8_without_torchao_says_what_to_install(tiny_current, no_torchao, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert main(["generate", "a cat", "-o", str(out), "-m", str(tiny_current), "--int8", "--dtype", "float32"]) == 2
+    assert 'pip install "minisd[int8]"' in capsys.readouterr().err and not out.exists()
 
 
 def test_int8_pipeline_in_bfloat16_reuses_its_graph(int8_pipe):

@@ -153,7 +153,7 @@ def test_scheduler_step_counts_the_pipeline_accepts_for_sd(n):
 
 OPTIONS = ["generate", "-o", "--output", "-n", "--negative", "--steps", "--guidance", "-s", "--seed", "--size",
            "-W", "--width", "-H", "--height", "-b", "--num-images", "-m", "--model", "--device", "--dtype",
-           "--compile", "--no-levers", "--no-safety-checker", "--init-image", "--strength", "--clip-skip",
+           "--compile", "--int8", "--no-levers", "--no-safety-checker", "--init-image", "--strength", "--clip-skip",
            "--prompt-syntax", "--overwrite", "--quiet", "--debug", "--", "-", "--steps=3", "--size=64x64", "-b2", "-ncat", "-oout.png",
            "--neg", "--ov", "--no", "--d"]
 VALUES = ["", "x", "a cat", "0", "-1", "25", "7.5", "nan", "inf", "1e3", "64x64", "512X768", "64x", "x64",

@@ -190,6 +190,12 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--save", type=Path, help="also write the generated images (and prompts.txt) here")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--int8", action="store_true", help="quantize the UNet to int8 (Pipeline quantize=\"int8\")")
+    p.add_argument("--calibrate-on", choices=["default", "shapes"], default="default",
+                   help="int8 calibration prompts: minisd's default ones, or 4 shapes prompts (seed 99, "
+                        "none of the evaluated ones)")
+    p.add_argument("--compile", action="store_true", help="Pipeline compile=True")
     p.add_argument("-v", "--verbose", action="store_true", help="print each wrong verdict")
     args = p.parse_args(argv)
 
@@ -202,7 +208,11 @@ def main(argv=None) -> None:
     else:
         torch.set_num_threads(args.threads)
         start = time.perf_counter()
-        accuracy, rows = evaluate_model(args.model, args.n, args.steps, args.seed, args.guidance, args.save)
+        calibration = [t for t, _ in shapes.prompts(4, 99)] if args.calibrate_on == "shapes" else None
+        pipe = Pipeline.from_pretrained(args.model, safety_checker=None, dtype=getattr(torch, args.dtype),
+                                        quantize="int8" if args.int8 else None, calibration_prompts=calibration,
+                                        compile=args.compile)
+        accuracy, rows = evaluate_model(pipe, args.n, args.steps, args.seed, args.guidance, args.save)
         print(f"generated {args.n} images, {args.steps} steps, in {time.perf_counter() - start:.1f}s")
     if args.verbose:
         for text, truth, verdict in rows:
