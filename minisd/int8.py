@@ -29,6 +29,7 @@ import copy
 import logging
 import math
 import platform
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -64,12 +65,21 @@ def check_quantize(method, device: torch.device) -> None:
 
 def load_pt2e():
     """torchao's PT2E functions, or a clear error naming the extra to install."""
+    # torchao's import logs a warning for each CUDA kernel library it cannot load on a CPU
+    # machine, and torch one for each enum torchao registers: noise to a user of the CPU path.
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in quiet]
     try:
+        for logger in quiet:
+            logger.setLevel(logging.ERROR)
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
     except ImportError as e:
         raise InputError("quantize='int8' needs torchao, which holds PyTorch's PT2E int8 flow: "
                          "pip install \"minisd[int8]\" (or pip install torchao)") from e
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
     quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
     return prepare_pt2e, convert_pt2e, quantizer
 
@@ -124,9 +134,11 @@ class Int8UNet:
         t = torch.as_tensor(t, device=x.device)
         key = (tuple(x.shape), tuple(t.shape), t.dtype, tuple(context.shape))
         graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._graphs[key] = self._quantize(x, t, context)
-        with torch.no_grad():  # inference only, and Inductor freezes weights only without autograd
+        with torch.no_grad(), warnings.catch_warnings():  # no autograd: Inductor freezes weights only then
+            if graph is None:
+                graph = self._graphs[key] = self._quantize(x, t, context)
+                # Inductor's int8 lowering in torch 2.13 copies tensors the way torch warns against.
+                warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning)
             return graph(x.float(), t, context.float()).to(x.dtype)
 
     def _quantize(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
