@@ -45,9 +45,10 @@ together and, for each repetition, each generates one image in turn (the order r
 repetition); the table shows medians over the repetitions. Groups (`--group-by`): `dtype`
 (default on a CPU) holds at most three fp32 pipelines at once (about 12 GB at full size; five,
 about 20 GB, with --baseline) and then the half-precision ones, the int8 modes with bf16 (their
-ratios are against diffusers bf16); each group has its own diffusers eager baseline, so the
-ratios that matter are alternated; `none` (default on CUDA)
-alternates every mode; `mode` runs one mode at a time (least memory, no alternation).
+ratios are against diffusers bf16; an openvino-int8 worker peaks near 8 GB while it loads);
+each group has its own diffusers eager baseline, so the ratios that matter are alternated;
+`none` (default on CUDA) alternates every mode; `mode` runs one mode at a time (least memory,
+no alternation).
 Achieved GFLOP/s compare with FLOPs counted on the model and a matrix-product peak measured
 in the same run (tools/bench_model.py; int8 modes against both the int8 peak, torch._int_mm's,
 and the bf16 one); the ratios and the parity thresholds are in
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
     p.add_argument("--openvino", action="store_true",
                    help="add openvino-bf16 and openvino-int8 to the default modes (needs openvino and nncf)")
     p.add_argument("--minisd-compile", default="auto",
-                   help="compile= for minisd's compiled modes: auto (True) or a torch.compile mode")
+                   help="compile= for minisd's compiled modes and minisd-int8: auto (True) or a torch.compile mode")
     p.add_argument("--diffusers-compile-mode", help="torch.compile mode of diffusers' compiled modes "
                    "(default: reduce-overhead on cuda, default on cpu)")
     p.add_argument("--group-by", choices=["dtype", "none", "mode"],

@@ -21,9 +21,11 @@ it into convert, calibrate and compile seconds):
   to the linear layers and leaves additions and normalizations in float). The defaults, as
   issue 16 measured them. Keeping the time-embedding layers, conv_in and conv_out in bf16
   (nncf.IgnoredScope) halved the UNet's error at the last steps but moved the image's PSNR by
-  0.5 dB (22.7 -> 23.2 dB vs diffusers fp32 on the random small-sd), so the defaults stay;
+  0.5 dB (22.7 -> 23.2 dB vs diffusers fp32 on the random small-sd, torch fp32 VAE), so the
+  defaults stay;
 - both models are compiled for the CPU with bf16 inference precision (int8 ops stay int8), the
-  latency hint and torch's thread count; the torch UNet and VAE are then dropped.
+  latency hint and torch's thread count; torch's UNet and VAE modules are then dropped (the
+  compiled models keep the fp32 weights they were converted from: the file's mapped pages).
 The pipeline's `unet` and `vae` become OVUNet and OVVAE, small stand-ins that keep the config,
 dtype and device diffusers reads and answer its calls as its own models would.
 
