@@ -56,6 +56,31 @@ def test_openvino_is_opt_in_and_cpu_only(capsys):
     assert "CPU only" in capsys.readouterr().err
 
 
+def test_a_missing_openvino_names_the_install_command(monkeypatch):
+    import bench_openvino
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    with pytest.raises(RuntimeError, match="pip install -c requirements-pins.txt openvino nncf"):
+        bench_openvino.import_openvino(int8=False)
+
+
+def test_minisd_int8_refuses_a_minisd_without_quantize():
+    from types import SimpleNamespace
+
+    import torch
+    from bench_worker import Session, WorkerError
+
+    class OldPipeline:  # from_pretrained as minisd had it before quantize=
+        @classmethod
+        def from_pretrained(cls, pretrained, device="cpu", dtype=None, compile=False, **components):
+            raise AssertionError("must not load")
+
+    worker = SimpleNamespace(spec={"dtype": "int8", "compiled": True, "minisd_compile": True}, notes=[],
+                             device=torch.device("cpu"))
+    with pytest.raises(WorkerError, match="no quantize="):
+        Session._load_minisd(worker, OldPipeline, Path("unused"), torch.bfloat16)
+
+
 def _result(lib, dtype, unet_s, image):
     return {"lib": lib, "dtype": dtype, "compiled": False, "e2e_s_all": [1.0], "unet_s_all": [unet_s],
             "vae_s_all": [0.1], "image": image}
