@@ -15,8 +15,9 @@ shape of the UNet:
 4. convert: observed ranges become scales and zero points, the graph quantize/dequantize pairs;
 5. compile: Inductor with freezing fuses each pair with its convolution or linear into one
    oneDNN int8 kernel (compiling.py says why freezing).
-Activations between the int8 kernels (attention, normalisation, SiLU) run in float32; the
-UNet's inputs and output are cast from and back to the pipeline's dtype.
+Activations between the int8 kernels (attention, normalisation, SiLU) run in bfloat16 under
+autocast for a bfloat16 pipeline (int8-mixed-bf16), else in float32; the UNet's inputs and
+output are cast from and back to the pipeline's dtype.
 
 The PT2E flow lives in torchao since torch 2.10 dropped its own copy: an optional extra
 (`pip install "minisd[int8]"`), imported only here and only when quantization is asked for.
@@ -104,6 +105,9 @@ class Int8UNet:
         self.float_unet = unet
         self.calibration_prompts = check_calibration_prompts(calibration_prompts)
         self._pt2e = load_pt2e()
+        # Activations between the int8 kernels: bfloat16 for a bfloat16 pipeline (oneDNN's
+        # int8-mixed-bf16 kernels), else float32; chosen here, kept if the pipeline moves.
+        self.activations = torch.bfloat16 if unet.conv_in.weight.dtype == torch.bfloat16 else torch.float32
         self._records: dict[tuple[int, int], list[tuple]] = {}  # (latent h, w) -> recorded UNet inputs
         self._graphs: dict[tuple, object] = {}  # input shapes -> compiled int8 graph
 
@@ -139,7 +143,8 @@ class Int8UNet:
                 graph = self._graphs[key] = self._quantize(x, t, context)
                 # Inductor's int8 lowering in torch 2.13 copies tensors the way torch warns against.
                 warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning)
-            return graph(x.float(), t, context.float()).to(x.dtype)
+            with torch.autocast("cpu", torch.bfloat16, enabled=self.activations == torch.bfloat16):
+                return graph(x.float(), t, context.float()).to(x.dtype)
 
     def _quantize(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
         records = self._records.get(tuple(x.shape[-2:]))
@@ -156,6 +161,7 @@ class Int8UNet:
             for i, record in enumerate(records[::step][:MAX_OBSERVED_CALLS]):
                 observed(*fit_record(record, i, x.shape[0], t, context.shape[1]))
             converted = convert_pt2e(observed)
+        drop_dtype_assertions(converted)
         compiled = torch.compile(converted, fullgraph=True, dynamic=False)
         return WithInductorSettings(compiled, inductor_settings(x.device))
 
@@ -195,6 +201,16 @@ def calibrate_int8(pipe, height: int, width: int) -> bool:
         hook.remove()
     unet.add_calibration(records)
     return True
+
+
+def drop_dtype_assertions(graph_module) -> None:
+    """Export asserts the float32 dtype of some intermediate tensors; under bfloat16 autocast
+    (int8-mixed-bf16) they hold bfloat16 and the assertion fails while compiling. Shapes and
+    dtypes are Dynamo's guards anyway."""
+    for node in list(graph_module.graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph_module.graph.erase_node(node)
+    graph_module.recompile()
 
 
 @contextmanager

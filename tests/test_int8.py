@@ -92,6 +92,20 @@ def test_records_fit_other_batches_and_context_lengths():
     assert torch.equal(x2, x[:1]) and torch.equal(c2, context[:1])
 
 
+def test_bfloat16_pipeline_runs_int8_mixed_bf16(tiny_current):
+    """A bfloat16 pipeline's int8 UNet keeps bfloat16 activations between its int8 kernels."""
+    pipe = Pipeline.from_pretrained(tiny_current, safety_checker=None, dtype=torch.bfloat16, quantize="int8",
+                                    calibration_prompts=["a red cube", "a green sphere on grass"])
+    assert pipe.unet.activations == torch.bfloat16
+    image = pipe("a red cube", generator=torch.Generator().manual_seed(0), **RUN).images
+    assert np.isfinite(image).all() and image.shape == (1, 64, 64, 3)
+    x, t, context = pipe.unet._records[(8, 8)][4]
+    with torch.no_grad():
+        want = pipe.unet.float_unet.float()(x, t, context)  # the float32 UNet (bf16-rounded weights)
+        got = pipe.unet(x.bfloat16(), t, context.bfloat16())
+    assert got.dtype == torch.bfloat16 and rel_rms(got, want) <= INT8_VS_FLOAT_TOL
+
+
 def test_uncalibrated_size_is_a_clear_error(int8_pipe):
     with pytest.raises(InputError, match="not calibrated for latents of"):
         int8_pipe.unet(torch.randn(2, 4, 16, 8), 10, torch.randn(2, 77, 32))
