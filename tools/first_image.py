@@ -50,6 +50,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--tiny", action="store_true", help="make_tiny_checkpoint's tiny model")
     p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache")
+    p.add_argument("--compile-cache", type=Path, help="an Inductor cache folder to use (default: a new, empty one); "
+                   "one that tools/bench.py filled makes both processes warm")
+    p.add_argument("--processes", type=int, default=2, help="fresh processes, one after the other (default 2)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -61,13 +64,15 @@ def main(argv=None) -> int:
     from bench_model import model_folder
 
     folder = model_folder(args.cache_dir, args.tiny, 0)
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="first-image-inductor-"))
+    cache = args.compile_cache or tempfile.mkdtemp(prefix="first-image-inductor-")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache))
     flags = [f for f, on in (("--compile", args.compile), ("--int8", args.int8)) if on]
     command = [sys.executable, __file__, "--child", str(folder), "--dtype", args.dtype, "--size", str(args.size),
                "--steps", str(args.steps), *flags]
     print(f"{' '.join(flags) or 'eager'}, {args.dtype}, {args.size}x{args.size}, {args.steps} steps; "
           f"compile cache {env['TORCHINDUCTOR_CACHE_DIR']}")
-    for name in ("cold cache", "warm cache"):
+    names = ["given cache" if args.compile_cache else "cold cache"] + ["warm cache"] * (args.processes - 1)
+    for name in names:
         out = subprocess.run(command, env=env, capture_output=True, text=True)
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)
