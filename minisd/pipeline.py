@@ -153,17 +153,17 @@ class Pipeline:
             getattr(self, name).to(memory_format=torch.channels_last if last else torch.contiguous_format)
 
     def compile(self, mode: str | None = None) -> None:
-        """torch.compile the UNet (unless int8, which compiles itself) and the VAE decoder in
-        place, with the settings compiling.py chose for the device. Each new size compiles on
-        its first image. `mode=None`: "reduce-overhead" (CUDA graphs) on CUDA, else the default."""
+        """torch.compile the UNet (unless int8, which compiles itself) and, off the CPU, the VAE
+        decoder in place, with compiling.py's settings. Each new size compiles on its first
+        image. `mode=None`: "reduce-overhead" (CUDA graphs) on CUDA, else the default."""
         if not isinstance(self.unet, Int8UNet):
             compile_module(self.unet, self.device, mode)
-        compile_module(self.vae.decoder, self.device, mode)
+        if self.device.type != "cpu":  # on the CPU it measured no faster (compiling.py)
+            compile_module(self.vae.decoder, self.device, mode)
 
     def quantize(self, method: str = "int8", calibration_prompts: list[str] | None = None) -> None:
-        """Static int8 for the UNet (int8.py): calibrated on the first image of each size from
-        generations of `calibration_prompts` (default: int8.CALIBRATION_PROMPTS) that this
-        pipeline runs itself at that size, then quantized and compiled."""
+        """Static int8 for the UNet (int8.py), calibrated before the first image of each size on
+        generations of `calibration_prompts` (or int8's own) that this pipeline runs itself."""
         check_quantize(method, self.device)
         if not isinstance(self.unet, Int8UNet):
             self.unet = Int8UNet(self.unet, calibration_prompts)
