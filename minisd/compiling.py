@@ -26,10 +26,11 @@ recompile, without changing Inductor's global configuration for other code in th
 in torch 2.13: an int8 graph then fails to prepack its weights.) What it measured is in
 README.md, Speed.
 
-Compiled code is cached on disk by Inductor (its FX graph cache, by default under
-/tmp/torchinductor_$USER; `TORCHINDUCTOR_CACHE_DIR` moves it): a second process with the same
-model, size and torch version skips code generation and the C++ compiler and pays only
-tracing. The frozen weights live in the compiled graph: change the model's weights after its
+Compile once per process: Inductor's on-disk FX graph cache refuses a frozen graph whose
+weights were prepacked into oneDNN tensors ("mkldnn tensors unpickleable"), so a second
+process compiles again; only the C++ code cache (`TORCHINDUCTOR_CACHE_DIR`, by default
+/tmp/torchinductor_$USER) saves a little (README, Speed; docs/cpu-floor.md has what is left to
+try). The frozen weights live in the compiled graph: change the model's weights after its
 first compiled call and the compiled code will not see it (compile again: `Pipeline.compile`).
 
 On CUDA, mode "reduce-overhead" (CUDA graphs); freezing is a CPU lever here. No GPU has
