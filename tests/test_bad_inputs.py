@@ -585,7 +585,10 @@ def test_ctrl_c_mid_run_exits_130_and_leaves_no_file(tiny_current, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "minisd", "generate", "a cat", "-o", str(out / "cat.png"), "--model",
          str(tiny_current), "--steps", "400", "--size", "256x256", "--dtype", "float32", "--seed", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # A shell without job control starts background jobs with SIGINT ignored, and Python
+        # then installs no KeyboardInterrupt handler: give the child Ctrl-C's default back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stderr, deadline = b"", time.monotonic() + 120
     try:
         while b"/400 [" not in stderr:  # the progress bar has started: we are mid-run
