@@ -60,8 +60,8 @@ def build_parser() -> ArgumentParser:
                        help="auto (for the device chosen): float16 on CUDA, bfloat16 on CPUs with native bf16 "
                             "(AVX512-BF16, AMX), else float32")
     model.add_argument("--compile", action="store_true",
-                       help="torch.compile the UNet and VAE decoder (on the CPU with frozen weights): the first "
-                            "image of a size compiles, for minutes; later ones, and later processes, reuse it")
+                       help="torch.compile the UNet (on the CPU with frozen weights; on CUDA the VAE decoder "
+                            "too): the first image of each size compiles, for a minute or more")
     model.add_argument("--int8", action="store_true",
                        help="static int8 UNet on x86 CPUs (needs the int8 extra): the first image of a size "
                             "calibrates on a few generations and compiles; combine with --compile")

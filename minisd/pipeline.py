@@ -80,8 +80,8 @@ class Pipeline:
         `dtype` (default float32). A component passed by keyword (`safety_checker=None`,
         `unet=my_unet`) replaces the folder's. `levers`: the speed levers of fast.py applied to
         the UNet and VAE, those passed in too (changed in place); `SpeedLevers.none()` runs the
-        models as written. `compile=True` (or a torch.compile mode) compiles the UNet and VAE
-        decoder (compiling.py). `quantize="int8"`: static int8 for the UNet on x86 CPUs, calibrated
+        models as written. `compile=True` (or a torch.compile mode) compiles the UNet (and off
+        the CPU the VAE decoder; compiling.py). `quantize="int8"`: static int8 for the UNet on x86 CPUs, calibrated
         on `calibration_prompts` or fixed ones (int8.py; needs the `int8` extra). One generation
         at a time per Pipeline."""
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
