@@ -72,12 +72,11 @@ from pathlib import Path
 
 import torch
 
-from bench_model import (DTYPES, GUIDANCE, PROMPT, SEED, count_flops, device_name, int8_matmul_peak, matmul_peak,
-                         model_folder)
+from bench_model import (DTYPES, GUIDANCE, PROMPT, SEED, add_model_options, count_flops, device_name,
+                         int8_matmul_peak, matmul_peak, model_folder)
 from bench_report import LIBS, print_table, summarize
 from bench_worker import Worker, WorkerError
 
-ROOT = Path(__file__).resolve().parents[1]
 MODE_RE = re.compile(r"^(diffusers|minisd|baseline|openvino)-(fp32|bf16|fp16|int8)(-compiled)?$")
 # What each library can run: openvino is the bf16 hint on a CPU; only minisd quantizes to int8
 # in torch (diffusers' int8 would be a recipe of bench's, not the library's own way).
@@ -236,9 +235,7 @@ def main(argv=None) -> int:
                    help="use inductor's usual on-disk cache (default: an empty one per mode: cold compile times)")
     p.add_argument("--time-limit", type=float, help="seconds: stop repeating (and skip modes not yet "
                    "started) past this; at least one repetition of each started mode runs")
-    p.add_argument("--tiny", action="store_true", help="make_tiny_checkpoint's tiny model instead of small-sd")
-    p.add_argument("--seed", type=int, default=0, help="weights seed of the random model")
-    p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache")
+    add_model_options(p)
     p.add_argument("--json", type=Path, help="write every number here (updated as the run goes)")
     args = p.parse_args(argv)
 

@@ -24,7 +24,6 @@ int8 product for the device.
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import platform
 import re
@@ -108,14 +107,11 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
     (a @ b).sum().item()  # warm-up
-    best = math.inf
-    for _ in range(tries):
-        seconds, _ = timed(device, lambda: a @ b)
-        best = min(best, seconds)
+    rate = best_rate(device, lambda: a @ b, 2 * n ** 3, tries)
     del a, b
     if device.type == "cuda":
         torch.cuda.empty_cache()  # leave the GPU's memory to the workers
-    return 2 * n ** 3 / best / 1e9
+    return rate
 
 
 def int8_matmul_peak(device: torch.device) -> float | None:
@@ -128,12 +124,20 @@ def int8_matmul_peak(device: torch.device) -> float | None:
         torch._int_mm(a, b).sum().item()  # warm-up, and the check that it runs here at all
     except (AttributeError, RuntimeError, NotImplementedError):
         return None
-    best = math.inf
-    for _ in range(tries):
-        seconds, _ = timed(device, lambda: torch._int_mm(a, b))
-        best = min(best, seconds)
-    del a, b
-    return 2 * n ** 3 / best / 1e9
+    return best_rate(device, lambda: torch._int_mm(a, b), 2 * n ** 3, tries)
+
+
+def best_rate(device: torch.device, fn, operations: int, tries: int) -> float:
+    """Giga-operations per second of the fastest of `tries` calls of fn."""
+    best = min(timed(device, fn)[0] for _ in range(tries))
+    return operations / best / 1e9
+
+
+def add_model_options(parser) -> None:
+    """The options that choose the random model folder (model_folder's arguments)."""
+    parser.add_argument("--tiny", action="store_true", help="make_tiny_checkpoint's tiny model instead of small-sd")
+    parser.add_argument("--seed", type=int, default=0, help="weights seed of the random model")
+    parser.add_argument("--cache-dir", type=Path, default=Path(__file__).resolve().parents[1] / ".cache")
 
 
 def timed(device: torch.device, fn):

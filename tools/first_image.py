@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_model import add_model_options, model_folder
 
 
 def one_process(args) -> dict:
@@ -48,10 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--tiny", action="store_true", help="make_tiny_checkpoint's tiny model")
-    p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache")
-    p.add_argument("--compile-cache", type=Path, help="an Inductor cache folder to use (default: a new, empty one); "
-                   "one that tools/bench.py filled makes both processes warm")
+    add_model_options(p)
+    p.add_argument("--compile-cache", type=Path, help="an Inductor cache folder to use (default: a new, empty one)")
     p.add_argument("--processes", type=int, default=2, help="fresh processes, one after the other (default 2)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -60,10 +58,7 @@ def main(argv=None) -> int:
         print(json.dumps(one_process(args)))
         return 0
 
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench_model import model_folder
-
-    folder = model_folder(args.cache_dir, args.tiny, 0)
+    folder = model_folder(args.cache_dir, args.tiny, args.seed)
     cache = args.compile_cache or tempfile.mkdtemp(prefix="first-image-inductor-")
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache))
     flags = [f for f, on in (("--compile", args.compile), ("--int8", args.int8)) if on]

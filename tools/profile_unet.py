@@ -44,9 +44,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from bench_model import GUIDANCE, PROMPT, SEED, model_folder
+from bench_model import GUIDANCE, PROMPT, SEED, add_model_options, model_folder
 
-ROOT = Path(__file__).resolve().parents[1]
 MODES = ("minisd-bf16-compiled", "minisd-int8", "openvino-bf16", "openvino-int8")
 KINDS = ("convolution", "linear/matmul", "attention", "normalisation", "elementwise/other")
 WARMUP_STEPS = 10  # the generations that compile (and calibrate) and then record the inputs
@@ -213,9 +212,7 @@ def main(argv=None) -> None:
     p.add_argument("--mode", choices=MODES, required=True)
     p.add_argument("--size", type=int, default=256, help="image height and width (default 256)")
     p.add_argument("--steps-profiled", type=int, default=5, help="UNet calls profiled (default 5)")
-    p.add_argument("--tiny", action="store_true", help="make_tiny_checkpoint's tiny model instead of small-sd")
-    p.add_argument("--seed", type=int, default=0, help="weights seed of the random model")
-    p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache")
+    add_model_options(p)
     p.add_argument("--json", type=Path, help="write the grouped summary here")
     args = p.parse_args(argv)
     if args.size % 8 or args.size <= 0:
