@@ -17,13 +17,14 @@ oneDNN's convolution and matrix-product kernels want, and each convolution and l
 fused with the pointwise operations around it; OpenVINO's CPU plugin does the same when it
 compiles a model. Measured on small-sd's bf16 UNet at 256x256 (CFG batch, 2 threads): 611 ms
 a step eager, 435 ms compiled with freezing; compiled without it, no faster than eager.
-`cpp_wrapper` runs the compiled graph from C++ and builds it as one C++ file: an int8 UNet of
-the tiny test model compiled in 102 s instead of 168 s (99 kernels compiled one by one). It applies only to calls without autograd (the pipeline runs under
-`torch.no_grad`), and it must be set while Inductor compiles, which happens inside the first
-call: `compile_module` wraps the compiled call so the setting holds then and for any later
+Freezing applies only to calls without autograd (the pipeline runs under `torch.no_grad`),
+and it must be set while Inductor compiles, which happens inside the first call:
+`compile_module` wraps the compiled call so the setting holds then and for any later
 recompile, without changing Inductor's global configuration for other code in the process.
 (Passing it as `torch.compile(options={"freezing": True})` does not reach the freezing pass
-in torch 2.13: an int8 graph then fails to prepack its weights.) What it measured is in
+in torch 2.13: an int8 graph then fails to prepack its weights.) `cpp_wrapper` runs the
+compiled graph from C++ and builds it as one C++ file: an int8 UNet of the tiny test model
+compiled in 102 s instead of 168 s (99 kernels compiled one by one). What it measured is in
 README.md, Speed.
 
 Compile once per process: Inductor's on-disk FX graph cache refuses a frozen graph whose
@@ -57,10 +58,10 @@ def compile_module(module: nn.Module, device: torch.device, mode: str | None = N
     """torch.compile `module` in place (its state dict, attributes and hooks stay as they
     are), static shapes and one graph for the whole forward, compiled under
     `inductor_settings(device)`."""
-    if inductor_settings(device).get("freezing"):
+    settings = inductor_settings(device)
+    if settings.get("freezing"):
         uncache_cross_kv(module)  # its cached K/V would be frozen into the graph (fast.py says more)
     module.compile(mode=mode or default_mode(device), fullgraph=True, dynamic=False)
-    settings = inductor_settings(device)
     if settings:
         # nn.Module.compile keeps the compiled call in `_compiled_call_impl`, which __call__
         # uses; compilation itself happens inside that call, so the settings go around it.

@@ -31,14 +31,13 @@ import logging
 import math
 import platform
 import warnings
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from .compiling import WithInductorSettings, inductor_settings
 from .errors import InputError
+from .fast import uncache_cross_kv
 
 log = logging.getLogger("minisd")
 
@@ -120,8 +119,12 @@ class Int8UNet:
     def float32_source(self) -> nn.Module:
         """What export traces: a float32 copy of the UNet. A copy even when the UNet is float32:
         the exported graph keeps references to its parameters, and `Pipeline.to(dtype)` must
-        not convert them under the int8 graph."""
-        return copy.deepcopy(self.float_unet).float()
+        not convert them under the int8 graph. Its cross-attention is made plain: the copy is
+        taken mid-generation, and export must trace the text's K/V projections, not the values
+        that generation cached (fast.uncache_cross_kv)."""
+        source = copy.deepcopy(self.float_unet).float()
+        uncache_cross_kv(source)
+        return source
 
     def calibrated(self, latent_h: int, latent_w: int) -> bool:
         return (latent_h, latent_w) in self._records
@@ -154,7 +157,7 @@ class Int8UNet:
         prepare_pt2e, convert_pt2e, quantizer = self._pt2e
         log.info("int8: quantizing the UNet for inputs %s, context %s", tuple(x.shape), tuple(context.shape))
         source = self.float32_source()
-        with torch.no_grad(), text_kv_off(source):
+        with torch.no_grad():
             exported = torch.export.export(source, (x.float(), t, context.float()), strict=False).module()
             observed = prepare_pt2e(exported, quantizer)
             step = max(1, len(records) // MAX_OBSERVED_CALLS)
@@ -211,17 +214,3 @@ def drop_dtype_assertions(graph_module) -> None:
         if node.target is torch.ops.aten._assert_tensor_metadata.default:
             graph_module.graph.erase_node(node)
     graph_module.recompile()
-
-
-@contextmanager
-def text_kv_off(unet: nn.Module) -> Iterator[None]:
-    """Export must trace the cross-attention's own K/V projections, not the values a running
-    generation cached in the same layers (fast.text_kv_cached)."""
-    saved = [(m, m.kv) for m in unet.modules() if hasattr(m, "kv")]
-    for module, _ in saved:
-        module.kv = []
-    try:
-        yield
-    finally:
-        for module, kv in saved:
-            module.kv = kv
