@@ -14,7 +14,6 @@ text_conditioning.py's business; how an image becomes starting latents, img2img.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,18 +30,16 @@ from .fast import SpeedLevers, apply_levers, text_kv_cached
 from .folders import find_model_folder, model_name, resolve_pretrained
 from .img2img import DEFAULT_STRENGTH, check_strength, prepare_images, resize_back
 from .int8 import Int8UNet, calibrate_int8, check_quantize
-from .runtime import (ProgressBar, check_device, check_dtype, check_finite, check_generators, check_memory, draw_noise,
-                      text_dtype_for)
+from .runtime import (ProgressBar, check_device, check_dtype, check_finite, check_generators, check_memory,
+                      check_numbers, draw_noise, text_dtype_for)
 from .safety import NOT_GIVEN, choose_safety_checker
+from .step_skipping import StepSkipping, check_step_skipping, step_skipping_for, warn_if_gate_unreached
 from .text_conditioning import check_prompt_syntax, check_text_inputs, encode_prompts
 from .tokenizer import CLIPTokenizer, check_prompts, load_tokenizer
 from .unet import UNet2DConditionModel, load_unet
 from .vae import AutoencoderKL, load_vae
 
 log = logging.getLogger("minisd")
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
 
 @dataclass
 class PipelineOutput:
@@ -56,6 +53,7 @@ class Pipeline:
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.scheduler, self.safety_checker, self.name = scheduler, safety_checker, name
         self.levers: SpeedLevers | None = None  # set by from_pretrained; `to` re-picks the layouts
+        self.skipping_models: dict = {}  # the UNet cut for step skipping, per cache_branch (step_skipping.py)
         problems = []
         if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
             problems.append(f"text_encoder hidden_size {text_encoder.config.hidden_size} != "
@@ -185,7 +183,8 @@ class Pipeline:
                  output_type: str = "pil", progress: bool = False, *, image=None, strength: float | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  clip_skip: int | None = None, prompt_syntax: str = "plain",
-                 callback_on_step_end=None) -> PipelineOutput:
+                 callback_on_step_end=None, gate_step: int | None = None, cache_interval: int | None = None,
+                 cache_branch: int | None = None) -> PipelineOutput:
         """Text-to-image, or image-to-image when `image` is given.
 
         `image`: a PIL image, a list of them (one for all prompts, or one per prompt; a single
@@ -198,8 +197,11 @@ class Pipeline:
         diffusers, except in the "a1111" syntax, where the negative prompt's too). `prompt_syntax`: "plain"
         (diffusers': 77 tokens at most) or "a1111" (AUTOMATIC1111's (word:1.2), [word], BREAK,
         any length; text_conditioning.py). `callback_on_step_end(pipe, i, t, {"latents": ...})`
-        runs after each step, as in diffusers; latents in the dict it returns replace the step's."""
+        runs after each step, as in diffusers; latents in the dict it returns replace the step's.
+        `gate_step`, `cache_interval`, `cache_branch`: step skipping, off by default (T-GATE and
+        DeepCache; step_skipping.py)."""
         check_prompt_syntax(prompt_syntax)
+        check_step_skipping(gate_step, cache_interval, cache_branch, self.unet)
         check_clip_skip(clip_skip, self.text_encoder.config.num_hidden_layers)
         prompts, negatives, prompt_embeds, negative_prompt_embeds = check_text_inputs(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, self.unet.config.cross_attention_dim)
@@ -224,7 +226,7 @@ class Pipeline:
         height = self.unet.config.sample_size * f if height is None else height
         width = self.unet.config.sample_size * f if width is None else width
         self._check_sizes(height, width)
-        self._check_numbers(guidance_scale, num_images_per_prompt, guidance_rescale, output_type)
+        check_numbers(guidance_scale, num_images_per_prompt, guidance_rescale, output_type)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)  # checks the step count
         if calibrate_int8(self, height, width):  # an int8 UNet's first image of this size ran generations
             self.scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -234,6 +236,8 @@ class Pipeline:
         n = batch * num_images_per_prompt
         check_memory(n, height, width, self.dtype, self.device)
         use_cfg = guidance_scale > 1.0  # guidance 1 is the plain conditional prediction
+        warn_if_gate_unreached(gate_step, num_inference_steps - start)
+        skipping = step_skipping_for(self, gate_step, cache_interval, cache_branch, guided=use_cfg)
 
         # 1. text -> contexts [n, T, D]: the conditional one, and with guidance the unconditional
         cond = self._context(prompts, prompt_embeds, num_images_per_prompt, clip_skip, prompt_syntax)
@@ -251,7 +255,7 @@ class Pipeline:
 
         # 3. denoised step by step
         latents = self.denoise(latents, cond, uncond, guidance_scale, guidance_rescale, start, progress,
-                               callback_on_step_end)
+                               callback_on_step_end, skipping)
         if output_type == "latent":
             return PipelineOutput(latents, None)
 
@@ -266,10 +270,11 @@ class Pipeline:
 
     def denoise(self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float,
                 guidance_rescale: float = 0.0, start: int = 0, progress: bool = False,
-                callback_on_step_end=None) -> torch.Tensor:
+                callback_on_step_end=None, skipping: StepSkipping | None = None) -> torch.Tensor:
         """The sampling loop over the scheduler's timesteps from index `start`. With `uncond`,
         classifier-free guidance: one UNet batch [uncond; cond] when the contexts have one
-        length, else two passes (prompts of different lengths in the "a1111" syntax)."""
+        length, else two passes (prompts of different lengths in the "a1111" syntax). With
+        `skipping`, each step's UNet is the one it picks, and past a T-GATE gate guidance stops."""
         timesteps = self.scheduler.timesteps[start:]
         if start:
             self.scheduler.set_begin_index(start)
@@ -279,15 +284,19 @@ class Pipeline:
         try:
             with text_kv_cached(self.unet, *contexts):  # a speed lever (fast.py); a no-op when off
                 for i, t in enumerate(timesteps):
-                    if batched:
-                        noise = self.unet(self.scheduler.scale_model_input(torch.cat([latents] * 2), t), t, contexts[0])
+                    unet = self.unet if skipping is None else skipping.unet_for_step(i)
+                    guided = uncond is not None and not (skipping and skipping.gated(i))
+                    if not guided:  # no guidance, or past the gate: the latents alone, the text's context
+                        noise = unet(self.scheduler.scale_model_input(latents, t), t, cond)
+                    elif batched:
+                        noise = unet(self.scheduler.scale_model_input(torch.cat([latents] * 2), t), t, contexts[0])
                     else:
                         model_in = self.scheduler.scale_model_input(latents, t)
-                        noise = torch.cat([self.unet(model_in, t, c) for c in contexts])
+                        noise = torch.cat([unet(model_in, t, c) for c in contexts])
                     if i == 0:  # once, not every step: each check stalls a GPU
                         check_finite(noise, "the UNet's first prediction",
                                      "unet weights hold NaN/inf, or float16 overflowed")
-                    if uncond is not None:  # classifier-free guidance: https://arxiv.org/abs/2207.12598
+                    if guided:  # classifier-free guidance: https://arxiv.org/abs/2207.12598
                         noise_uncond, noise_cond = noise.chunk(2)
                         noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
                         if guidance_rescale > 0:
@@ -368,17 +377,6 @@ class Pipeline:
             if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % f:
                 hint = "; pass the image as image=" if isinstance(size, (Image.Image, torch.Tensor)) else ""
                 raise InputError(f"{name}: must be a positive multiple of {f}, got {size!r:.80}{hint}")
-
-    def _check_numbers(self, guidance, per_prompt, guidance_rescale, output_type) -> None:
-        for name, value in (("guidance_scale", guidance), ("guidance_rescale", guidance_rescale)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise InputError(f"{name}: must be a finite number, got {value!r}")
-        if not 0 <= guidance_rescale <= 1:  # a blend weight (arXiv 2305.08891, section 3.4)
-            raise InputError(f"guidance_rescale: must lie in [0, 1] (0.7 is typical), got {guidance_rescale!r}")
-        if not isinstance(per_prompt, int) or isinstance(per_prompt, bool) or per_prompt < 1:
-            raise InputError(f"num_images_per_prompt: must be a positive integer, got {per_prompt!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise InputError(f"output_type: must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
 
 
 def rescale_noise_cfg(noise_cfg: torch.Tensor, noise_cond: torch.Tensor, guidance_rescale: float) -> torch.Tensor:

@@ -7,6 +7,7 @@ on stderr.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from .errors import InputError, MinisdError, ResourceError
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 def check_device(device, argument: str = "device") -> torch.device:
@@ -154,3 +156,16 @@ class ProgressBar:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.0f}min"
+
+
+def check_numbers(guidance, per_prompt, guidance_rescale, output_type) -> None:
+    """The pipeline's numeric arguments and output type."""
+    for name, value in (("guidance_scale", guidance), ("guidance_rescale", guidance_rescale)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise InputError(f"{name}: must be a finite number, got {value!r}")
+    if not 0 <= guidance_rescale <= 1:  # a blend weight (arXiv 2305.08891, section 3.4)
+        raise InputError(f"guidance_rescale: must lie in [0, 1] (0.7 is typical), got {guidance_rescale!r}")
+    if not isinstance(per_prompt, int) or isinstance(per_prompt, bool) or per_prompt < 1:
+        raise InputError(f"num_images_per_prompt: must be a positive integer, got {per_prompt!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise InputError(f"output_type: must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")

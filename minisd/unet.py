@@ -294,14 +294,19 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], c.out_channels, 3, padding=1)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        c, context = self.config, encoder_hidden_states
-        # 1. time: sinusoidal features of t -> MLP -> temb [B, 4 * channels[0]]
+    def embed_timestep(self, timestep: torch.Tensor | float | int, sample: torch.Tensor) -> torch.Tensor:
+        """The timestep (a scalar, or one per sample) -> temb [B, 4 * channels[0]]."""
+        c = self.config
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.expand(sample.shape[0]) if t.dim() == 0 else t
         t_emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-        temb = self.time_embedding(t_emb.to(sample.dtype))
+        return self.time_embedding(t_emb.to(sample.dtype))
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        context = encoder_hidden_states
+        # 1. time: sinusoidal features of t -> MLP -> temb [B, 4 * channels[0]]
+        temb = self.embed_timestep(timestep, sample)
 
         # 2. in: [B, 4, h, w] -> [B, channels[0], h, w]
         x = self.conv_in(sample)

@@ -1,0 +1,230 @@
+"""Step skipping: two training-free ways to spend less work on an image, both opt-in.
+
+T-GATE, `gate_step=K` (https://arxiv.org/abs/2404.02747): cross-attention settles early in
+sampling, once the layout is planned. So after the first K steps every cross-attention layer's
+output is frozen at the mean of its unconditional and conditional outputs at step K-1, and
+classifier-free guidance stops: the UNet runs on the latents alone (batch 1 per image, not 2)
+and does no cross-attention work at all. The tgate package gates the same way at its
+`gate_step` (it can also cache self-attention, which minisd does not).
+
+DeepCache, `cache_interval=N` (https://arxiv.org/abs/2312.00858): the UNet's deep features
+change slowly from step to step, its shallow ones quickly. So every N-th step runs the whole
+UNet and keeps the features that enter the shallow part of the up path; the steps in between
+run only the shallow part, from the cached features:
+
+    full step:     conv_in -> down path -> mid -> up path ---------------------> conv_out
+                                                          \\ features cached at skip branch b
+    shallow step:  conv_in -> the first b down layers ..... cached features -> the last b+1 up layers -> conv_out
+
+The skip branches are numbered from the outside: branch 0 is the skip from conv_in to the
+last up layer, branch b the skip saved by the b-th down layer (a resnet with its attention, or
+a downsampler) and read by the (b+1)-th up layer from the end. `cache_branch` picks it; the
+default, `layers_per_block`, caches what enters the last up block, so a shallow step runs
+conv_in, the first down block's layers, the last up block and conv_out. (DeepCache's package
+numbers the same branches the same way, `cache_branch_id`, for layers_per_block=2.)
+
+Both combine. The step before the gate always runs full, so that every layer's cross-attention
+is recorded at one step; at the gate the batch halves, so the cache starts again there (the
+first gated step runs full) and counts its interval from it. Steps are counted over the steps
+the loop runs (img2img runs fewer: `strength`). What each costs in quality against what it
+saves is measured by tools/frontier.py (README, Speed).
+
+`SkippingUNet` is the UNet cut where the two methods need it, as a pure function of its
+inputs (cached features in, features to cache out), so that torch.compile can compile it like
+the UNet itself; `StepSkipping` holds one generation's caches and decides each step.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .compiling import compile_module
+from .errors import InputError
+from .unet import Transformer2DModel, UNet2DConditionModel, to_feature_map
+
+
+def count_branches(unet: UNet2DConditionModel) -> int:
+    """The number of skip branches: conv_in's and one per down layer and downsampler."""
+    return 1 + sum(len(block.resnets) + (block.downsamplers is not None) for block in unet.down_blocks)
+
+
+def check_step_skipping(gate_step, cache_interval, cache_branch, unet) -> None:
+    """Clear errors for settings no generation can run with."""
+    if (gate_step is not None or cache_interval is not None) and not isinstance(unet, nn.Module):
+        raise InputError("gate_step, cache_interval: not available with an int8 UNet yet (its int8 graph is "
+                         "the whole UNet); use a float pipeline")
+    for name, value, least in (("gate_step", gate_step, 1), ("cache_interval", cache_interval, 1),
+                               ("cache_branch", cache_branch, 0)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise InputError(f"{name}: must be an integer >= {least} (or None: off), got {value!r:.80}")
+    if cache_branch is not None:
+        if cache_interval is None:
+            raise InputError("cache_branch: applies with cache_interval only; pass cache_interval= as well")
+        if cache_branch >= count_branches(unet):
+            raise InputError(f"cache_branch: this UNet has skip branches 0 to {count_branches(unet) - 1}, "
+                             f"got {cache_branch}")
+
+
+def step_skipping_for(pipe, gate_step, cache_interval, cache_branch, guided: bool) -> "StepSkipping | None":
+    """The pipeline's step skipping for one generation, None when off. The cut UNet is kept
+    per branch in `pipe.skipping_models`, and compiled when the pipeline's UNet is."""
+    if gate_step is None and cache_interval is None:
+        return None
+    if cache_branch not in pipe.skipping_models:
+        model = SkippingUNet(pipe.unet, cache_branch)
+        if getattr(pipe.unet, "_compiled_call_impl", None) is not None:  # Pipeline.compile ran
+            compile_module(model, pipe.device)
+        pipe.skipping_models[cache_branch] = model
+    return StepSkipping(pipe.skipping_models[cache_branch], gate_step, cache_interval, guided)
+
+
+class SkippingUNet(nn.Module):
+    """`model(sample, t, context, deep=None, cross=None, record=False) -> (noise, deep, recorded)`:
+    the UNet's own layers, run in its order, with two cuts.
+
+    - `deep` given: a shallow step from these cached features (DeepCache); otherwise a full
+      step, which returns the features entering up layer -(branch+1), to cache.
+    - `cross` given (one tensor per cross-attention layer, in the order a full step runs them):
+      each cross-attention's output is taken from it, and `context` is not used (T-GATE).
+    - `record=True`: a full step also returns every cross-attention layer's output.
+    tests/test_step_skipping.py checks a full step against the UNet itself, bit for bit, and a
+    shallow step fed fresh features against it too."""
+
+    def __init__(self, unet: UNet2DConditionModel, branch: int | None = None):
+        super().__init__()
+        self.unet = unet
+        self.branch = unet.config.layers_per_block if branch is None else branch
+        # Each layer with its cross-attention's place in `cross`: the order a full step runs them.
+        counter = iter(range(10**6))
+
+        def numbered(attention):
+            return None if attention is None else (attention, next(counter))
+
+        # The down path as skip-saving layers: (resnet, (attention, k) or None), or (downsampler,).
+        self.down_layers = []
+        for block in unet.down_blocks:
+            for i, resnet in enumerate(block.resnets):
+                self.down_layers.append((resnet, numbered(block.attentions and block.attentions[i])))
+            if block.downsamplers is not None:
+                self.down_layers.append((block.downsamplers[0],))
+        self.mid_attention = numbered(unet.mid_block.attentions[0])
+        # The up path: (resnet, (attention, k) or None, the block's upsampler after its last layer).
+        self.up_layers = []
+        for block in unet.up_blocks:
+            for i, resnet in enumerate(block.resnets):
+                last = i == len(block.resnets) - 1
+                self.up_layers.append((resnet, numbered(block.attentions and block.attentions[i]),
+                                       block.upsamplers[0] if last and block.upsamplers is not None else None))
+        self.entry = len(self.up_layers) - 1 - self.branch  # the up layer that reads the cached features
+
+    def forward(self, sample: torch.Tensor, timestep, context: torch.Tensor | None = None,
+                deep: torch.Tensor | None = None, cross: tuple[torch.Tensor, ...] | None = None,
+                record: bool = False):
+        unet, recorded = self.unet, {}
+
+        def attend(numbered_attention, x: torch.Tensor) -> torch.Tensor:
+            if numbered_attention is None:  # a block without attention
+                return x
+            layer, k = numbered_attention
+            if cross is None and not record:
+                return layer(x, context)
+            x, recorded[k] = transformer_with_cross(layer, x, context, None if cross is None else cross[k])
+            return x
+
+        temb = unet.embed_timestep(timestep, sample)
+        x = unet.conv_in(sample)
+        skips = [x]
+        for layer in self.down_layers[: self.branch if deep is not None else None]:
+            if len(layer) == 1:  # a downsampler
+                x = layer[0](x)
+            else:
+                x = attend(layer[1], layer[0](x, temb))
+            skips.append(x)
+
+        if deep is None:  # a full step: middle, then the deep part of the up path
+            mid = unet.mid_block
+            x = mid.resnets[1](attend(self.mid_attention, mid.resnets[0](x, temb)), temb)
+            x = self.run_up(self.up_layers[: self.entry], x, skips, temb, attend)
+            deep = x
+        x = self.run_up(self.up_layers[self.entry:], deep, skips, temb, attend)
+        noise = unet.conv_out(torch.nn.functional.silu(unet.conv_norm_out(x)))
+        return noise, deep, tuple(recorded[k] for k in sorted(recorded)) if record else None
+
+    @staticmethod
+    def run_up(layers, x, skips, temb, attend) -> torch.Tensor:
+        """Up layers in order, each reading the newest skip (as UpBlock.forward does)."""
+        for resnet, attention, upsampler in layers:
+            x = attend(attention, resnet(torch.cat([x, skips.pop()], dim=1), temb))
+            if upsampler is not None:  # to the next skip's size (UNet2DConditionModel.forward says why)
+                x = upsampler(x, skips[-1].shape[-2:])
+        return x
+
+
+def transformer_with_cross(layer: Transformer2DModel, x: torch.Tensor, context: torch.Tensor | None,
+                           cross: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layer(x, context)` (unet.py's Transformer2DModel and BasicTransformerBlock, step for
+    step), with the cross-attention's output `cross` given instead of computed, and returned."""
+    tokens = rearrange(layer.proj_in(layer.norm(x)), "b c h w -> b (h w) c")
+    (block,) = layer.transformer_blocks  # SD v1: one transformer block per layer
+    tokens = tokens + block.attn1(block.norm1(tokens))
+    cross = block.attn2(block.norm2(tokens), context) if cross is None else cross
+    tokens = tokens + cross
+    tokens = tokens + block.ff(block.norm3(tokens))
+    return x + layer.proj_out(to_feature_map(tokens, like=x)), cross
+
+
+class StepSkipping:
+    """One generation's step skipping: which steps run full, shallow or gated, and the caches.
+    `unet_for_step(i)` is the UNet the sampling loop calls at step i; `gated(i)` tells the loop
+    that guidance is over."""
+
+    def __init__(self, model: SkippingUNet, gate_step: int | None, cache_interval: int | None, guided: bool):
+        self.model, self.gate_step, self.cache_interval, self.guided = model, gate_step, cache_interval, guided
+        self.deep: dict[tuple, torch.Tensor] = {}  # per UNet input shape: the two passes of unbatched CFG differ
+        self.recorded: list[tuple[torch.Tensor, ...]] = []  # the cross-attention outputs at step gate_step - 1
+        self.frozen: tuple[torch.Tensor, ...] | None = None
+
+    def gated(self, i: int) -> bool:
+        return self.gate_step is not None and i >= self.gate_step
+
+    def runs_full(self, i: int) -> bool:
+        if self.cache_interval is None or (self.gate_step is not None and i == self.gate_step - 1):
+            return True
+        since = i - self.gate_step if self.gated(i) else i  # at the gate the batch halves: a fresh cache
+        return since % self.cache_interval == 0
+
+    def unet_for_step(self, i: int):
+        def unet(sample: torch.Tensor, t, context: torch.Tensor | None) -> torch.Tensor:
+            cross = self.frozen_cross() if self.gated(i) else None
+            key = (tuple(sample.shape), None if context is None else tuple(context.shape))
+            if not self.runs_full(i):
+                return self.model(sample, t, context, self.deep[key], cross)[0]
+            record = self.gate_step is not None and i == self.gate_step - 1
+            noise, deep, recorded = self.model(sample, t, context, None, cross, record)
+            if self.cache_interval is not None:
+                self.deep[key] = deep
+            if record:
+                self.recorded.append(recorded)
+            return noise
+        return unet
+
+    def frozen_cross(self) -> tuple[torch.Tensor, ...]:
+        """Each cross-attention layer's output from the step before the gate: with guidance the
+        mean of its unconditional and conditional halves (or passes), else as it was."""
+        if self.frozen is None:
+            if len(self.recorded) == 2:  # unbatched CFG: the unconditional pass, then the conditional
+                self.frozen = tuple((u + c) / 2 for u, c in zip(*self.recorded))
+            elif self.guided:
+                self.frozen = tuple(sum(out.chunk(2)) / 2 for out in self.recorded[0])
+            else:
+                self.frozen = self.recorded[0]
+            self.recorded = []
+        return self.frozen
+
+
+def warn_if_gate_unreached(gate_step: int | None, steps_run: int) -> None:
+    if gate_step is not None and gate_step >= steps_run:
+        warnings.warn(f"gate_step={gate_step}: only {steps_run} steps run, so none is gated", stacklevel=3)
