@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import math
 import multiprocessing
 import os
 import re
@@ -106,6 +107,7 @@ class Session:
         # int8 modes load everything but the UNet in bf16 (the UNet's int8 is the quantizer's).
         dtype = torch.bfloat16 if spec["dtype"] == "int8" else DTYPES[spec["dtype"]]
         self.notes: list[str] = []  # how this mode ran, shown under the table
+        self.call_kwargs: dict = {}  # extra arguments of each pipeline call (`use`), e.g. step skipping
         if self.device.type == "cuda":  # start CUDA outside the load time
             torch.zeros(1, device=self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -170,6 +172,8 @@ class Session:
             pipe.vae.to(memory_format=torch.channels_last)
             pipe.unet = torch.compile(pipe.unet, mode=self.spec["diffusers_compile_mode"])
             self.notes.append(f"fused QKV, channels_last, compile(mode={self.spec['diffusers_compile_mode']!r})")
+        if self.spec.get("addon"):  # before CallTimer wraps the UNet: the add-ons patch its forward
+            pipe = apply_addon(pipe, self.spec["addon"], self.notes)
         return pipe
 
     def _load_openvino(self, pipeline_cls, folder: Path, dtype: torch.dtype):
@@ -204,12 +208,20 @@ class Session:
     @torch.no_grad()
     def image(self) -> dict:
         s = self.spec
-        e2e_s, images = timed(self.device, lambda: self.pipe(
+        call = getattr(self.pipe, (s.get("addon") or {}).get("call", "__call__"))  # tgate: pipe.tgate
+        e2e_s, images = timed(self.device, lambda: call(
             PROMPT, height=s["size"], width=s["size"], num_inference_steps=s["steps"], guidance_scale=GUIDANCE,
-            generator=torch.Generator().manual_seed(SEED), output_type="np").images)
+            generator=torch.Generator().manual_seed(SEED), output_type="np", **self.call_kwargs).images)
         unet_s, vae_s = self.unet.take(), self.vae.take()
+        # With minisd's step skipping the UNet's layers run through its SkippingUNet, not the timed call.
+        unet_s = unet_s or [math.nan]
         return {"e2e_s": e2e_s, "unet_s": statistics.median(unet_s), "unet_first_s": unet_s[0],
                 "vae_s": vae_s[0], "image": images[0]}
+
+    def use(self, call_kwargs: dict) -> dict:
+        """Pass `call_kwargs` to every later pipeline call (one pipeline, several settings)."""
+        self.call_kwargs = dict(call_kwargs)
+        return {}
 
     def first(self) -> dict:
         first = self.image()
@@ -236,6 +248,32 @@ class Session:
         return {"peak_mem": self.peak_memory()}
 
 
+def apply_addon(pipe, addon: dict, notes: list[str]):
+    """diffusers with a step-skipping add-on package: {"name": "deepcache", "cache_interval": N,
+    "cache_branch_id": B}, {"name": "tgate", "call": "tgate"} (its settings go in each call), or
+    {"name": "tgate-deepcache", "call": "tgate", "cache_interval": N, "cache_branch_id": B}."""
+    if addon["name"] == "deepcache":
+        from DeepCache import DeepCacheSDHelper
+
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=addon["cache_interval"], cache_branch_id=addon["cache_branch_id"])
+        helper.enable()
+        pipe._deepcache_helper = helper  # kept alive with the pipeline
+    elif addon["name"] == "tgate":
+        from tgate import TgateSDLoader
+
+        pipe = TgateSDLoader(pipe)
+    elif addon["name"] == "tgate-deepcache":
+        from tgate import TgateSDDeepCacheLoader
+
+        pipe = TgateSDDeepCacheLoader(pipe, cache_interval=addon["cache_interval"],
+                                      cache_branch_id=addon["cache_branch_id"])
+    else:
+        raise WorkerError(f"unknown add-on {addon['name']!r}")
+    notes.append(f"add-on {addon['name']}")
+    return pipe
+
+
 def worker_main(conn, spec: dict) -> None:
     """Serve commands from the parent: load, first, rep, close. Errors go back as text."""
     if spec["compile_cache"]:
@@ -251,7 +289,8 @@ def worker_main(conn, spec: dict) -> None:
                 session = Session(spec)
                 conn.send({})
             else:
-                conn.send(getattr(session, cmd)())
+                name, *args = cmd if isinstance(cmd, tuple) else (cmd,)
+                conn.send(getattr(session, name)(*args))
         except Exception:
             conn.send({"error": traceback.format_exc()})
         if cmd == "close":
@@ -275,9 +314,9 @@ class Worker:
         self.proc.start()
         child.close()
 
-    def call(self, cmd: str) -> dict:
+    def call(self, cmd: str, *args) -> dict:
         try:
-            self.conn.send(cmd)
+            self.conn.send((cmd, *args) if args else cmd)
             reply = self.conn.recv()
         except (EOFError, OSError, BrokenPipeError):
             self.proc.join(10)

@@ -1,0 +1,227 @@
+"""The speed/quality frontier of step skipping (T-GATE `gate_step`, DeepCache `cache_interval`),
+against the plainest way to go faster: fewer steps.
+
+    python tools/frontier.py                        # both parts; docs/frontier.json, docs/figures/frontier.png
+    python tools/frontier.py --part shapes          # the embedded model only (about 10 minutes)
+    python tools/frontier.py --part small-sd --repeats 3 --no-addons
+
+Part `shapes`: the embedded model (weights/minisd-shapes, the only trained model here).
+tools/eval_shapes.py's accuracy on the same 100 prompts and seeds for every setting, against
+seconds per image (100 images in batches of 10, in this process, `--threads`), for plain
+DPM-Solver++ at 6, 8, 10, 15, 20 and 25 steps and for each skipping setting at 15, 20 and 25
+steps. The gate sits at 40% of the steps (T-GATE's 10 of 25). A setting is on the Pareto front
+when no other setting is both at least as fast and at least as accurate (the mean of the four
+judged attributes), and better in one.
+
+Part `small-sd`: small-sd's full shapes (random weights, tools/bench_model.py), 256x256, bf16, 25
+steps, one worker process per pipeline (tools/bench_worker.py), repetitions alternated: each
+setting's s/image as a ratio to diffusers bf16 plain in the same run. Beside minisd's settings,
+the add-on packages people bolt onto diffusers at the same settings (`DeepCache`'s
+DeepCacheSDHelper, `tgate`'s TgateSDLoader and TgateSDDeepCacheLoader; tgate with its
+self-attention caching off, sp_interval=fi_interval=1, warm_up=0, so that it does what
+minisd's gate does), and the PSNR of minisd's image against the add-on's: the same method on
+the same weights should give the same image, up to bf16 rounding.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAIN_STEPS = (6, 8, 10, 15, 20, 25)
+SKIP_STEPS = (15, 20, 25)
+# name -> (gate at this share of the steps or None, cache_interval or None)
+SETTINGS = {"gate": (0.4, None), "cache2": (None, 2), "cache3": (None, 3), "gate+cache2": (0.4, 2),
+            "gate+cache3": (0.4, 3)}
+
+
+def call_kwargs(setting: str, steps: int, branch: int | None = None) -> dict:
+    """The Pipeline keywords of a named setting at `steps`."""
+    if setting == "plain":
+        return {}
+    share, interval = SETTINGS[setting]
+    kwargs = {}
+    if share is not None:
+        kwargs["gate_step"] = round(share * steps)
+    if interval is not None:
+        kwargs["cache_interval"] = interval
+        if branch is not None:
+            kwargs["cache_branch"] = branch
+    return kwargs
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    """The points no other point dominates: as fast or faster and as accurate or more, and better in one."""
+    def dominates(a, b):
+        return (a["s_per_image"] <= b["s_per_image"] and a["accuracy"] >= b["accuracy"]
+                and (a["s_per_image"] < b["s_per_image"] or a["accuracy"] > b["accuracy"]))
+    return [p for p in points if not any(dominates(q, p) for q in points if q is not p)]
+
+
+# --- part 1: the embedded model -------------------------------------------------------------
+
+def shapes_part(args) -> list[dict]:
+    import eval_shapes
+    import shapes
+    from minisd.pipeline import Pipeline
+
+    torch.set_num_threads(args.threads)
+    pipe = Pipeline.from_pretrained(args.model, safety_checker=None, dtype=getattr(torch, args.dtype))
+    cases = shapes.prompts(args.n, args.prompt_seed)
+    texts, truths = [t for t, _ in cases], [t for _, t in cases]
+    seeds = [10**6 + args.prompt_seed * 1000 + i for i in range(args.n)]  # eval_shapes.evaluate_model's
+    runs = [("plain", s) for s in PLAIN_STEPS] + [(name, s) for name in SETTINGS for s in SKIP_STEPS]
+    points = []
+    for setting, steps in runs:
+        kwargs = call_kwargs(setting, steps, args.cache_branch)
+        start = time.perf_counter()
+        images = eval_shapes.generate(lambda *a, **k: pipe(*a, **k, **kwargs), texts, seeds, steps, args.guidance)
+        seconds = (time.perf_counter() - start) / args.n
+        accuracy, _ = eval_shapes.score(images, truths)
+        point = {"setting": setting, "steps": steps, "kwargs": kwargs, "s_per_image": seconds,
+                 "metrics": accuracy, "accuracy": statistics.mean(accuracy[k] for k in eval_shapes.JUDGED)}
+        points.append(point)
+        print(f"{setting:<12} {steps:>2} steps {kwargs!s:<42} {seconds * 1e3:7.1f} ms/image  "
+              + "  ".join(f"{k} {accuracy[k]:.0%}" for k in (*eval_shapes.JUDGED, "size")), flush=True)
+    front = pareto_front(points)
+    for p in points:
+        p["pareto"] = p in front
+    return points
+
+
+# --- part 2: small-sd's shapes --------------------------------------------------------------
+
+def small_sd_part(args) -> dict:
+    from bench_model import model_folder
+    from bench_report import psnr
+    from bench_worker import Worker, WorkerError
+
+    folder = model_folder(args.cache_dir, tiny=args.tiny, seed=args.seed)
+    steps, gate = args.steps, round(0.4 * args.steps)
+    base = {"folder": str(folder), "device": "cpu", "size": args.size, "steps": steps, "dtype": "bf16",
+            "compiled": False, "minisd_from": None, "minisd_compile": None, "diffusers_compile_mode": None,
+            "compile_cache": None}
+    branch = args.cache_branch if args.cache_branch is not None else 1  # minisd's default for layers_per_block=1
+    # (worker, setting): minisd runs every setting in one process, each add-on has its own.
+    minisd_settings = ["plain", "gate", "cache2", "cache3", "gate+cache2", "gate+cache3"]
+    addons = {} if args.no_addons else {
+        "deepcache cache2": {"name": "deepcache", "cache_interval": 2, "cache_branch_id": branch},
+        "tgate gate": {"name": "tgate", "call": "tgate"},
+        "tgate+deepcache gate+cache2": {"name": "tgate-deepcache", "call": "tgate", "cache_interval": 2,
+                                        "cache_branch_id": branch},
+    }
+    tgate_kwargs = {"gate_step": gate, "sp_interval": 1, "fi_interval": 1, "warm_up": 0}
+    workers: dict[str, Worker] = {}
+    rows: dict[str, dict] = {}
+    try:
+        for name, spec in [("diffusers", {"lib": "diffusers", "mode": "diffusers-bf16"}),
+                           ("minisd", {"lib": "minisd", "mode": "minisd-bf16"})] + [
+                (name, {"lib": "diffusers", "mode": name, "addon": addon}) for name, addon in addons.items()]:
+            worker = Worker({**base, **spec})
+            try:
+                worker.call("load")
+            except WorkerError as e:
+                print(f"{name}: does not load\n{e}", flush=True)
+                rows[name] = {"error": str(e).splitlines()[-1]}
+                worker.close()
+                continue
+            workers[name] = worker
+        jobs = [("diffusers", "plain", {})] if "diffusers" in workers else []
+        jobs += [("minisd", s, call_kwargs(s, steps, args.cache_branch)) for s in minisd_settings if "minisd" in workers]
+        jobs += [(name, name.split(" ", 1)[1], tgate_kwargs if "tgate" in name else {})
+                 for name in addons if name in workers]
+        for rep in range(args.repeats + 1):  # the first round warms up and is not counted
+            order = jobs[rep % len(jobs):] + jobs[:rep % len(jobs)]
+            for worker_name, setting, kwargs in order:
+                key = f"{worker_name} {setting}" if worker_name in ("diffusers", "minisd") else worker_name
+                try:
+                    workers[worker_name].call("use", kwargs)
+                    out = workers[worker_name].call("first" if rep == 0 else "rep")
+                except WorkerError as e:
+                    rows.setdefault(key, {})["error"] = str(e).splitlines()[-1]
+                    print(f"{key}: FAILED\n{e}", flush=True)
+                    continue
+                row = rows.setdefault(key, {"kwargs": kwargs, "e2e_all": []})
+                if rep == 0:
+                    row["image"] = out["image"]
+                else:
+                    row["e2e_all"].append(out["e2e_s"])
+                    print(f"rep {rep}/{args.repeats} {key}: {out['e2e_s']:.2f} s/image", flush=True)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    baseline = statistics.median(rows["diffusers plain"]["e2e_all"])
+    for key, row in rows.items():
+        if row.get("e2e_all"):
+            row["s_per_image"] = statistics.median(row["e2e_all"])
+            row["vs_diffusers_plain"] = row["s_per_image"] / baseline
+    # The same method on the same weights: minisd's image against the add-on's.
+    for addon, ours in (("deepcache cache2", "minisd cache2"), ("tgate gate", "minisd gate"),
+                        ("tgate+deepcache gate+cache2", "minisd gate+cache2"), ("diffusers plain", "minisd plain")):
+        if "image" in rows.get(addon, {}) and "image" in rows.get(ours, {}):
+            rows[ours][f"psnr_vs_{addon.replace(' ', '_')}"] = psnr(rows[ours]["image"], rows[addon]["image"])
+    for row in rows.values():
+        row.pop("image", None)
+    return {"size": args.size, "steps": steps, "dtype": "bf16", "gate_step": gate, "threads": torch.get_num_threads(),
+            "rows": rows}
+
+
+def print_small_sd(result: dict) -> None:
+    print(f"\nsmall-sd shapes, {result['size']}x{result['size']}, {result['steps']} steps, bf16 "
+          f"(gate_step={result['gate_step']}); medians over the repetitions")
+    print(f"{'pipeline and setting':<30} {'s/image':>8} {'vs diffusers plain':>19}  PSNR vs the same setting")
+    for key, row in result["rows"].items():
+        if "error" in row:
+            print(f"{key:<30} FAILED: {row['error']}")
+            continue
+        same = "  ".join(f"{k[8:]} {v:.1f} dB" for k, v in row.items() if k.startswith("psnr_vs_"))
+        print(f"{key:<30} {row['s_per_image']:8.2f} {row['vs_diffusers_plain']:18.2f}x  {same}")
+
+
+def main(argv=None) -> int:
+    from bench_model import add_model_options
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["both", "shapes", "small-sd"], default="both")
+    p.add_argument("--model", type=Path, default=ROOT / "weights" / "minisd-shapes", help="part shapes: the model")
+    p.add_argument("--n", type=int, default=100, help="part shapes: prompts")
+    p.add_argument("--prompt-seed", type=int, default=1234, help="part shapes: eval_shapes' prompt seed")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="part shapes")
+    p.add_argument("--threads", type=int, default=1, help="part shapes: torch threads (eval_shapes' default)")
+    p.add_argument("--cache-branch", type=int, default=None, help="DeepCache's skip branch (default: minisd's)")
+    p.add_argument("--size", type=int, default=256, help="part small-sd")
+    p.add_argument("--steps", type=int, default=25, help="part small-sd")
+    p.add_argument("--repeats", type=int, default=3, help="part small-sd: alternated repetitions")
+    p.add_argument("--no-addons", action="store_true", help="part small-sd: leave out the add-on packages")
+    add_model_options(p)
+    p.add_argument("--json", type=Path, default=ROOT / "docs" / "frontier.json")
+    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "figures" / "frontier.png")
+    args = p.parse_args(argv)
+
+    results = json.loads(args.json.read_text()) if args.json.exists() else {}
+    results["command"] = "python tools/frontier.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.part in ("both", "shapes"):
+        results["shapes"] = {"points": shapes_part(args), "model": str(args.model), "n": args.n,
+                             "dtype": args.dtype, "threads": args.threads}
+        from frontier_plot import plot_frontier
+
+        plot_frontier(results["shapes"]["points"], args.plot)
+        print(f"plot: {args.plot}")
+    if args.part in ("both", "small-sd"):
+        results["small_sd"] = small_sd_part(args)
+        print_small_sd(results["small_sd"])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"results: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
