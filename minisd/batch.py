@@ -32,6 +32,7 @@ from .files import read_image, save_png_atomically
 from .img2img import DEFAULT_STRENGTH, check_strength
 from .pnginfo import generation_parameters
 from .runtime import MAX_SEED, ProgressBar
+from .step_skipping import check_step_skipping_options, step_skipping
 
 # What a .jsonl line may set, and the type each must have.
 LINE_FIELDS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": (int, float),
@@ -253,6 +254,7 @@ def run_batch(args, load_pipeline) -> int:
             raise InputError(f"{name}: must be at least 1, got {value}")
     if args.size and (args.width is not None or args.height is not None):
         raise InputError("--size: give the size as --size WxH or as -W/-H, not both")
+    check_step_skipping_options(args)
     workers = Workers()
     try:
         if workers.world > 1 and args.device in ("auto", "cuda"):
@@ -281,6 +283,8 @@ def _plan(args, prompts, pipe) -> str:
                "guidance": args.guidance, "width": width, "height": height, "clip_skip": args.clip_skip,
                "prompt_syntax": args.prompt_syntax, "init_image": args.init_image and str(args.init_image),
                "strength": args.strength, "safety_checker": pipe.safety_checker is not None, "seed": seed}
+        # Step skipping changes the images: part of the run, recorded only when used (older runs lack it).
+        run.update({k: v for k, v in step_skipping(args).items() if v is not None})
         # Everything that can be refused is refused before the folder is claimed, so that a
         # corrected prompt file is not then refused as "another run".
         _check_items(make_items(prompts, args, seed, args.prompts), pipe, args)
@@ -346,12 +350,13 @@ def _work(pipe, args, workers: Workers, folder: Folder, todo: list[Item], done_b
             out = pipe(item.prompt, negative_prompt=item.negative_prompt, num_inference_steps=item.steps,
                        guidance_scale=item.guidance, height=item.height, width=item.width,
                        generator=[torch.Generator().manual_seed(item.seed)], image=image, strength=item.strength,
-                       clip_skip=args.clip_skip - 1, prompt_syntax=args.prompt_syntax)
+                       clip_skip=args.clip_skip - 1, prompt_syntax=args.prompt_syntax, **step_skipping(args))
             picture = out.images[0]
             strength = (DEFAULT_STRENGTH if item.strength is None else item.strength) if image is not None else None
             text = generation_parameters(item.prompt, item.negative_prompt, item.steps, pipe.scheduler.sampler_name,
                                          item.guidance, item.seed, picture.width, picture.height, pipe.name,
-                                         denoising_strength=strength, clip_skip=args.clip_skip)
+                                         denoising_strength=strength, clip_skip=args.clip_skip,
+                                         **step_skipping(args, pipe))
             save_png_atomically(picture, folder.root / item.file, text, overwrite=True)
             nsfw = bool(out.nsfw_content_detected and out.nsfw_content_detected[0])
             folder.append(workers.rank, {**asdict(item), "file": item.file, "width": picture.width,

@@ -25,6 +25,7 @@ from .folders import cache_entry, newest_snapshot
 from .img2img import DEFAULT_STRENGTH
 from .pnginfo import generation_parameters
 from .runtime import MAX_SEED
+from .step_skipping import check_step_skipping_options, step_skipping
 
 HUB_REPO = "OFA-Sys/small-stable-diffusion-v0"
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "minisd-shapes"
@@ -89,6 +90,14 @@ def build_parser() -> ArgumentParser:
                             help="a1111 (default): (word:1.2) emphasis, [word], BREAK and prompts of any length, as "
                                  "AUTOMATIC1111 and stable-diffusion.cpp read them; plain: the text as is, cut at "
                                  "77 tokens, as diffusers reads it")
+    generation.add_argument("--gate-step", type=int, metavar="K",
+                            help="T-GATE: after K steps, freeze cross-attention and stop guidance (faster, "
+                                 "less faithful; README, Speed)")
+    generation.add_argument("--cache-interval", type=int, metavar="N",
+                            help="DeepCache: run the whole UNet every N-th step, only its shallow part between")
+    generation.add_argument("--cache-branch", type=int, metavar="B",
+                            help="DeepCache: the skip branch below which features are cached (default: the "
+                                 "model's layers per block, the last up block)")
     generation.add_argument("--quiet", action="store_true", help="no progress bar")
     parser = ArgumentParser(prog="minisd", parents=[common],
                             description="Stable Diffusion v1 in plain PyTorch: text-to-image, image-to-image, "
@@ -233,6 +242,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.clip_skip < 1:
         raise InputError(f"--clip-skip: must be at least 1 (1 = the text encoder's last layer, 2 = the "
                          f"penultimate, as in AUTOMATIC1111), got {args.clip_skip}")
+    check_step_skipping_options(args)
     paths = output_paths(args.output, args.num_images)
     check_writable(paths, args.overwrite)
     init_image = None if args.init_image is None else read_image(args.init_image)
@@ -244,7 +254,7 @@ def generate(args: argparse.Namespace) -> int:
                       num_inference_steps=args.steps, guidance_scale=args.guidance,
                       num_images_per_prompt=args.num_images, generator=generators, progress=not args.quiet,
                       image=init_image, strength=strength, clip_skip=args.clip_skip - 1,
-                      prompt_syntax=args.prompt_syntax)
+                      prompt_syntax=args.prompt_syntax, **step_skipping(args))
     except InputError as e:
         if not str(e).startswith("clip_skip"):
             raise
@@ -259,7 +269,8 @@ def generate(args: argparse.Namespace) -> int:
     for i, (image, path) in enumerate(zip(result.images, paths)):
         text = generation_parameters(args.prompt, args.negative, args.steps, pipe.scheduler.sampler_name,
                                      args.guidance, seed + i, image.width, image.height, pipe.name,
-                                     denoising_strength=strength, clip_skip=args.clip_skip)
+                                     denoising_strength=strength, clip_skip=args.clip_skip,
+                                     **step_skipping(args, pipe))
         save_png_atomically(image, path, text, args.overwrite)
         note = " (blacked out: the safety checker flagged it)" if flagged[i] else ""
         print(f"wrote {path}{note}")

@@ -228,3 +228,25 @@ class StepSkipping:
 def warn_if_gate_unreached(gate_step: int | None, steps_run: int) -> None:
     if gate_step is not None and gate_step >= steps_run:
         warnings.warn(f"gate_step={gate_step}: only {steps_run} steps run, so none is gated", stacklevel=3)
+
+
+# --- the command line: `minisd generate` and `minisd batch` share these options -------------
+
+def check_step_skipping_options(args) -> None:
+    """--gate-step, --cache-interval, --cache-branch, before the model loads (the branch's
+    upper bound depends on the model: the pipeline checks it)."""
+    for name, value, least in (("--gate-step", args.gate_step, 1), ("--cache-interval", args.cache_interval, 1),
+                               ("--cache-branch", args.cache_branch, 0)):
+        if value is not None and value < least:
+            raise InputError(f"{name}: must be at least {least}, got {value}")
+    if args.cache_branch is not None and args.cache_interval is None:
+        raise InputError("--cache-branch: applies with --cache-interval only; give --cache-interval N too")
+
+
+def step_skipping(args, pipe=None) -> dict:
+    """The step-skipping keywords of a Pipeline call; with `pipe`, of generation_parameters
+    (the branch the pipeline uses, so that the PNG says it even when it was the default)."""
+    branch = args.cache_branch
+    if pipe is not None and args.cache_interval is not None and branch is None:
+        branch = pipe.unet.config.layers_per_block  # step_skipping.SkippingUNet's default
+    return {"gate_step": args.gate_step, "cache_interval": args.cache_interval, "cache_branch": branch}
