@@ -35,6 +35,7 @@ the UNet itself; `StepSkipping` holds one generation's caches and decides each s
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
@@ -58,7 +59,7 @@ def check_step_skipping(gate_step, cache_interval, cache_branch, unet) -> None:
                          "the whole UNet); use a float pipeline")
     for name, value, least in (("gate_step", gate_step, 1), ("cache_interval", cache_interval, 1),
                                ("cache_branch", cache_branch, 0)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least):
             raise InputError(f"{name}: must be an integer >= {least} (or None: off), got {value!r:.80}")
     if cache_branch is not None:
         if cache_interval is None:
@@ -73,12 +74,15 @@ def step_skipping_for(pipe, gate_step, cache_interval, cache_branch, guided: boo
     per branch in `pipe.skipping_models`, and compiled when the pipeline's UNet is."""
     if gate_step is None and cache_interval is None:
         return None
-    if cache_branch not in pipe.skipping_models:
-        model = SkippingUNet(pipe.unet, cache_branch)
-        if getattr(pipe.unet, "_compiled_call_impl", None) is not None:  # Pipeline.compile ran
+    compiled = getattr(pipe.unet, "_compiled_call_impl", None) is not None  # Pipeline.compile ran
+    model = pipe.skipping_models.get(cache_branch)
+    if model is None or model.unet is not pipe.unet or model.compiled != compiled:  # none yet, or stale
+        model = SkippingUNet(pipe.unet, None if cache_branch is None else int(cache_branch))
+        if compiled:
             compile_module(model, pipe.device)
+        model.compiled = compiled
         pipe.skipping_models[cache_branch] = model
-    return StepSkipping(pipe.skipping_models[cache_branch], gate_step, cache_interval, guided)
+    return StepSkipping(model, gate_step, cache_interval, guided)
 
 
 class SkippingUNet(nn.Module):
@@ -96,6 +100,7 @@ class SkippingUNet(nn.Module):
     def __init__(self, unet: UNet2DConditionModel, branch: int | None = None):
         super().__init__()
         self.unet = unet
+        self.compiled = False  # set by step_skipping_for when it compiles this
         self.branch = unet.config.layers_per_block if branch is None else branch
         # Each layer with its cross-attention's place in `cross`: the order a full step runs them.
         counter = iter(range(10**6))
@@ -182,7 +187,8 @@ class StepSkipping:
     that guidance is over."""
 
     def __init__(self, model: SkippingUNet, gate_step: int | None, cache_interval: int | None, guided: bool):
-        self.model, self.gate_step, self.cache_interval, self.guided = model, gate_step, cache_interval, guided
+        self.model, self.guided = model, guided
+        self.gate_step, self.cache_interval = (None if n is None else int(n) for n in (gate_step, cache_interval))
         self.deep: dict[tuple, torch.Tensor] = {}  # per UNet input shape: the two passes of unbatched CFG differ
         self.recorded: list[tuple[torch.Tensor, ...]] = []  # the cross-attention outputs at step gate_step - 1
         self.frozen: tuple[torch.Tensor, ...] | None = None
