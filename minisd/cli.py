@@ -302,6 +302,11 @@ def resolve_device(name: str) -> str:
 
 
 def resolve_dtype(name: str, device: str):
+    """--dtype auto: float16 on CUDA; bfloat16 on CPUs with native bf16, for every model size.
+    Measured for the smallest, the embedded 10.6M-parameter minisd-shapes (64x64, 25 steps, 2
+    threads, medians of 5-7, both dtypes alternated): bf16 took 0.75-0.89 of fp32's time per
+    image in batches of 2, 4 and 10, and 0.89-1.09 for single images (level within this shared
+    machine's noise), so small models keep bf16 too."""
     import torch
 
     if name == "auto":
