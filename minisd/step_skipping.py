@@ -35,6 +35,7 @@ the UNet itself; `StepSkipping` holds one generation's caches and decides each s
 """
 from __future__ import annotations
 
+import itertools
 import numbers
 import warnings
 
@@ -71,7 +72,10 @@ def check_step_skipping(gate_step, cache_interval, cache_branch, unet) -> None:
 
 def step_skipping_for(pipe, gate_step, cache_interval, cache_branch, guided: bool) -> "StepSkipping | None":
     """The pipeline's step skipping for one generation, None when off. The cut UNet is kept
-    per branch in `pipe.skipping_models`, and compiled when the pipeline's UNet is."""
+    per branch in `pipe.skipping_models`, and compiled when the pipeline's UNet is: one graph
+    per kind of step it meets (full, recording, shallow, gated, gated shallow) and size. (Past
+    Dynamo's recompile limit, `torch._dynamo.config.recompile_limit`, 8 by default, further
+    kinds and sizes run eagerly, with Dynamo's warning.)"""
     if gate_step is None and cache_interval is None:
         return None
     compiled = getattr(pipe.unet, "_compiled_call_impl", None) is not None  # Pipeline.compile ran
@@ -103,7 +107,7 @@ class SkippingUNet(nn.Module):
         self.compiled = False  # set by step_skipping_for when it compiles this
         self.branch = unet.config.layers_per_block if branch is None else branch
         # Each layer with its cross-attention's place in `cross`: the order a full step runs them.
-        counter = iter(range(10**6))
+        counter = itertools.count()
 
         def numbered(attention):
             return None if attention is None else (attention, next(counter))

@@ -464,3 +464,23 @@ def test_img2img_counts_steps_over_the_steps_it_runs(pipes):
     with pytest.warns(UserWarning, match="gate_step=5"):
         unreached = generate(pipe, image=image, strength=0.5, num_inference_steps=10, gate_step=5)
     assert torch.equal(unreached, plain)
+
+
+COMPILED_TOL = 1e-3  # images in [0, 1], compiled against eager, float32 (Inductor reorders float sums)
+
+
+def test_compiled_step_skipping_matches_eager_and_never_recompiles(tiny_current):
+    """compile=True compiles the cut UNet like the UNet: a recording step, a gated full step and
+    a gated shallow step (gate_step=1, cache_interval=2, 3 steps) each compile once, then a
+    second prompt and seed reuse them."""
+    torch._dynamo.reset()
+    eager = Pipeline.from_pretrained(tiny_current, safety_checker=None)
+    compiled = Pipeline.from_pretrained(tiny_current, safety_checker=None, compile=True)
+    run = dict(num_inference_steps=3, output_type="np", height=64, width=64, gate_step=1, cache_interval=2)
+    for prompt, seed in (("a red cube", 0), ("another prompt, same size", 1)):
+        recompiles = torch._dynamo.config.patch(error_on_recompile=True) if seed else contextlib.nullcontext()
+        with recompiles:
+            got = compiled(prompt, generator=torch.Generator().manual_seed(seed), **run).images
+        want = eager(prompt, generator=torch.Generator().manual_seed(seed), **run).images
+        assert np.abs(got - want).max() <= COMPILED_TOL
+    assert compiled.skipping_models[None].compiled

@@ -7,13 +7,17 @@ against the plainest way to go faster: fewer steps.
 
 Part `shapes`: the embedded model (weights/minisd-shapes, the only trained model here).
 tools/eval_shapes.py's accuracy on the same 100 prompts and seeds for every setting, against
-seconds per image (100 images in batches of 10, in this process, `--threads`), for plain
-DPM-Solver++ at 6, 8, 10, 15, 20 and 25 steps and for each skipping setting at 15, 20 and 25
-steps. The gate sits at 40% of the steps (T-GATE's 10 of 25). A setting is on the Pareto front
+seconds per image, for plain DPM-Solver++ at 6, 8, 10, 15, 20 and 25 steps and for each
+skipping setting at 15, 20 and 25 steps. The gate sits at 40% of the steps (T-GATE's 10 of 25;
+`gate60`: at 60%). Time is measured apart from accuracy, in this process (`--threads`): every
+setting in turn, in rounds whose order rotates, the median per image. One ablation, not a
+minisd setting, splits T-GATE's two changes: `guidance-stop` stops guidance at the gate but
+keeps computing cross-attention from the text. A setting is on the Pareto front
 when no other setting is both at least as fast and at least as accurate (the mean of the four
 judged attributes), and better in one.
 
-Part `small-sd`: small-sd's full shapes (random weights, tools/bench_model.py), 256x256, bf16, 25
+Part `small-sd` (`--compiled` adds minisd with compile=True, plain and gate+cache2, whose first
+image compiles each kind of step: full, recording, shallow, gated, gated shallow): small-sd's full shapes (random weights, tools/bench_model.py), 256x256, bf16, 25
 steps, one worker process per pipeline (tools/bench_worker.py), repetitions alternated: each
 setting's s/image as a ratio to diffusers bf16 plain in the same run. Beside minisd's settings,
 the add-on packages people bolt onto diffusers at the same settings (`DeepCache`'s
@@ -25,6 +29,7 @@ the same weights should give the same image, up to bf16 rounding.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -38,12 +43,12 @@ PLAIN_STEPS = (6, 8, 10, 15, 20, 25)
 SKIP_STEPS = (15, 20, 25)
 # name -> (gate at this share of the steps or None, cache_interval or None)
 SETTINGS = {"gate": (0.4, None), "cache2": (None, 2), "cache3": (None, 3), "gate+cache2": (0.4, 2),
-            "gate+cache3": (0.4, 3)}
+            "gate+cache3": (0.4, 3), "gate60": (0.6, None), "gate60+cache2": (0.6, 2)}
 
 
 def call_kwargs(setting: str, steps: int, branch: int | None = None) -> dict:
     """The Pipeline keywords of a named setting at `steps`."""
-    if setting == "plain":
+    if setting == "plain" or setting in ABLATIONS:
         return {}
     share, interval = SETTINGS[setting]
     kwargs = {}
@@ -66,33 +71,99 @@ def pareto_front(points: list[dict]) -> list[dict]:
 
 # --- part 1: the embedded model -------------------------------------------------------------
 
-def shapes_part(args) -> list[dict]:
+def shapes_part(args, previous: dict | None) -> list[dict]:
+    """Accuracy of every setting on the same prompts and seeds (reused from `previous`, the last
+    run's results, when its model, prompts and dtype match: the images do not change), then
+    the time per image of every setting, measured afresh in alternated rounds."""
     import eval_shapes
     import shapes
+    from minisd import SpeedLevers
     from minisd.pipeline import Pipeline
 
     torch.set_num_threads(args.threads)
     pipe = Pipeline.from_pretrained(args.model, safety_checker=None, dtype=getattr(torch, args.dtype))
+    # The ablation calls the UNet with the text's context alone after the gate, which the cached
+    # cross-attention K/V lever (computed for the CFG batch's context) refuses: that lever off.
+    ablation_pipe = Pipeline.from_pretrained(args.model, safety_checker=None, dtype=getattr(torch, args.dtype),
+                                             levers=SpeedLevers(cached_cross_kv=False))
     cases = shapes.prompts(args.n, args.prompt_seed)
     texts, truths = [t for t, _ in cases], [t for _, t in cases]
     seeds = [10**6 + args.prompt_seed * 1000 + i for i in range(args.n)]  # eval_shapes.evaluate_model's
-    runs = [("plain", s) for s in PLAIN_STEPS] + [(name, s) for name in SETTINGS for s in SKIP_STEPS]
+    runs = [("plain", s) for s in PLAIN_STEPS] + [(name, s) for name in (*SETTINGS, *ABLATIONS) for s in SKIP_STEPS]
+    same_run = previous and all(previous.get(k) == v for k, v in (("model", str(args.model)), ("n", args.n),
+                                                                   ("dtype", args.dtype), ("prompt_seed", args.prompt_seed)))
+    known = {(p["setting"], p["steps"]): p for p in previous["points"]} if same_run else {}
+
+    def generate(setting, steps, count):
+        with ablation(setting, steps):
+            kwargs = call_kwargs(setting, steps, args.cache_branch)
+            run = ablation_pipe if setting in ABLATIONS else pipe
+            return eval_shapes.generate(lambda *a, **k: run(*a, **k, **kwargs), texts[:count], seeds[:count],
+                                        steps, args.guidance)
+
     points = []
     for setting, steps in runs:
-        kwargs = call_kwargs(setting, steps, args.cache_branch)
-        start = time.perf_counter()
-        images = eval_shapes.generate(lambda *a, **k: pipe(*a, **k, **kwargs), texts, seeds, steps, args.guidance)
-        seconds = (time.perf_counter() - start) / args.n
-        accuracy, _ = eval_shapes.score(images, truths)
-        point = {"setting": setting, "steps": steps, "kwargs": kwargs, "s_per_image": seconds,
-                 "metrics": accuracy, "accuracy": statistics.mean(accuracy[k] for k in eval_shapes.JUDGED)}
+        point = known.get((setting, steps))
+        if point is None:
+            accuracy, _ = eval_shapes.score(generate(setting, steps, args.n), truths)
+            point = {"setting": setting, "steps": steps, "kwargs": call_kwargs(setting, steps, args.cache_branch),
+                     "metrics": accuracy, "accuracy": statistics.mean(accuracy[k] for k in eval_shapes.JUDGED)}
         points.append(point)
-        print(f"{setting:<12} {steps:>2} steps {kwargs!s:<42} {seconds * 1e3:7.1f} ms/image  "
-              + "  ".join(f"{k} {accuracy[k]:.0%}" for k in (*eval_shapes.JUDGED, "size")), flush=True)
+        print(f"{setting:<14} {steps:>2} steps  " + "  ".join(f"{k} {point['metrics'][k]:.0%}"
+                                                              for k in (*eval_shapes.JUDGED, "size")), flush=True)
+    # Time: every setting in turn, `--time-rounds` rounds of `--time-images` images, the order
+    # rotated each round (this machine's speed drifts); the median per image.
+    seconds = {id(p): [] for p in points}
+    for r in range(args.time_rounds + 1):  # round 0 warms up
+        for p in points[r % len(points):] + points[:r % len(points)]:
+            start = time.perf_counter()
+            generate(p["setting"], p["steps"], args.time_images)
+            if r:
+                seconds[id(p)].append((time.perf_counter() - start) / args.time_images)
+    for p in points:
+        p["s_per_image"] = statistics.median(seconds[id(p)])
     front = pareto_front(points)
     for p in points:
         p["pareto"] = p in front
+        print(f"{p['setting']:<14} {p['steps']:>2} steps {p['s_per_image'] * 1e3:7.1f} ms/image  "
+              f"accuracy {p['accuracy']:.1%}{'  Pareto front' if p['pareto'] else ''}", flush=True)
     return points
+
+
+# Not minisd settings: what T-GATE's two changes do apart, to see which one costs what.
+ABLATIONS = {"guidance-stop": 0.4}  # guidance stops at the gate, cross-attention still computed from the text
+
+
+@contextlib.contextmanager
+def ablation(setting: str, steps: int):
+    """For an ablation setting, the pipeline's step skipping replaced by the ablation's."""
+    if setting not in ABLATIONS:
+        yield
+        return
+    import minisd.pipeline
+
+    gate = round(ABLATIONS[setting] * steps)
+    original = minisd.pipeline.step_skipping_for
+    minisd.pipeline.step_skipping_for = lambda pipe, *_, **__: GuidanceStop(pipe.unet, gate)
+    try:
+        yield
+    finally:
+        minisd.pipeline.step_skipping_for = original
+
+
+class GuidanceStop:
+    """What the sampling loop asks step skipping (minisd/step_skipping.py's StepSkipping): past
+    `gate`, guidance stops and the UNet runs on the latents alone, with the text's context,
+    computing cross-attention as usual."""
+
+    def __init__(self, unet, gate: int):
+        self.unet, self.gate = unet, gate
+
+    def gated(self, i: int) -> bool:
+        return i >= self.gate
+
+    def unet_for_step(self, i: int):
+        return self.unet
 
 
 # --- part 2: small-sd's shapes --------------------------------------------------------------
@@ -120,8 +191,10 @@ def small_sd_part(args) -> dict:
     workers: dict[str, Worker] = {}
     rows: dict[str, dict] = {}
     try:
+        compiled = [("minisd-compiled", {"lib": "minisd", "mode": "minisd-bf16-compiled", "compiled": True,
+                                         "minisd_compile": True})] if args.compiled else []
         for name, spec in [("diffusers", {"lib": "diffusers", "mode": "diffusers-bf16"}),
-                           ("minisd", {"lib": "minisd", "mode": "minisd-bf16"})] + [
+                           ("minisd", {"lib": "minisd", "mode": "minisd-bf16"})] + compiled + [
                 (name, {"lib": "diffusers", "mode": name, "addon": addon}) for name, addon in addons.items()]:
             worker = Worker({**base, **spec})
             try:
@@ -134,12 +207,14 @@ def small_sd_part(args) -> dict:
             workers[name] = worker
         jobs = [("diffusers", "plain", {})] if "diffusers" in workers else []
         jobs += [("minisd", s, call_kwargs(s, steps, args.cache_branch)) for s in minisd_settings if "minisd" in workers]
+        jobs += [("minisd-compiled", s, call_kwargs(s, steps, args.cache_branch)) for s in ("plain", "gate+cache2")
+                 if "minisd-compiled" in workers]
         jobs += [(name, name.split(" ", 1)[1], tgate_kwargs if "tgate" in name else {})
                  for name in addons if name in workers]
         for rep in range(args.repeats + 1):  # the first round warms up and is not counted
             order = jobs[rep % len(jobs):] + jobs[:rep % len(jobs)]
             for worker_name, setting, kwargs in order:
-                key = f"{worker_name} {setting}" if worker_name in ("diffusers", "minisd") else worker_name
+                key = f"{worker_name} {setting}" if worker_name in ("diffusers", "minisd", "minisd-compiled") else worker_name
                 try:
                     workers[worker_name].call("use", kwargs)
                     out = workers[worker_name].call("first" if rep == 0 else "rep")
@@ -195,11 +270,15 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="part shapes")
     p.add_argument("--threads", type=int, default=1, help="part shapes: torch threads (eval_shapes' default)")
+    p.add_argument("--time-rounds", type=int, default=3, help="part shapes: alternated timing rounds")
+    p.add_argument("--time-images", type=int, default=10, help="part shapes: images per setting and round")
     p.add_argument("--cache-branch", type=int, default=None, help="DeepCache's skip branch (default: minisd's)")
     p.add_argument("--size", type=int, default=256, help="part small-sd")
     p.add_argument("--steps", type=int, default=25, help="part small-sd")
     p.add_argument("--repeats", type=int, default=3, help="part small-sd: alternated repetitions")
     p.add_argument("--no-addons", action="store_true", help="part small-sd: leave out the add-on packages")
+    p.add_argument("--compiled", action="store_true",
+                   help="part small-sd: also minisd compile=True, plain and gate+cache2 (compiling takes minutes)")
     add_model_options(p)
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "frontier.json")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "figures" / "frontier.png")
@@ -208,8 +287,9 @@ def main(argv=None) -> int:
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
     results["command"] = "python tools/frontier.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.part in ("both", "shapes"):
-        results["shapes"] = {"points": shapes_part(args), "model": str(args.model), "n": args.n,
-                             "dtype": args.dtype, "threads": args.threads}
+        results["shapes"] = {"points": shapes_part(args, results.get("shapes")), "model": str(args.model),
+                             "n": args.n, "dtype": args.dtype, "prompt_seed": args.prompt_seed, "threads": args.threads,
+                             "time": f"median of {args.time_rounds} alternated rounds of {args.time_images} images"}
         from frontier_plot import plot_frontier
 
         plot_frontier(results["shapes"]["points"], args.plot)
