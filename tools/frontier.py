@@ -41,21 +41,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN_STEPS = (6, 8, 10, 15, 20, 25)
 SKIP_STEPS = (15, 20, 25)
-# name -> (gate at this share of the steps or None, cache_interval or None)
-SETTINGS = {"gate": (0.4, None), "cache2": (None, 2), "cache3": (None, 3), "gate+cache2": (0.4, 2),
-            "gate+cache3": (0.4, 3), "gate60": (0.6, None), "gate60+cache2": (0.6, 2)}
+# name -> (gate at this share of the steps or None, cache_interval or None, cache_branch or None: minisd's default)
+SETTINGS = {"gate": (0.4, None, None), "cache2": (None, 2, None), "cache3": (None, 3, None),
+            "gate+cache2": (0.4, 2, None), "gate+cache3": (0.4, 3, None), "gate60": (0.6, None, None),
+            "gate60+cache2": (0.6, 2, None), "cache2-b0": (None, 2, 0), "gate+cache2-b0": (0.4, 2, 0)}
 
 
 def call_kwargs(setting: str, steps: int, branch: int | None = None) -> dict:
     """The Pipeline keywords of a named setting at `steps`."""
     if setting == "plain" or setting in ABLATIONS:
         return {}
-    share, interval = SETTINGS[setting]
+    share, interval, setting_branch = SETTINGS[setting]
     kwargs = {}
     if share is not None:
         kwargs["gate_step"] = round(share * steps)
     if interval is not None:
         kwargs["cache_interval"] = interval
+        branch = branch if setting_branch is None else setting_branch
         if branch is not None:
             kwargs["cache_branch"] = branch
     return kwargs
@@ -180,7 +182,7 @@ def small_sd_part(args) -> dict:
             "compile_cache": None}
     branch = args.cache_branch if args.cache_branch is not None else 1  # minisd's default for layers_per_block=1
     # (worker, setting): minisd runs every setting in one process, each add-on has its own.
-    minisd_settings = ["plain", "gate", "cache2", "cache3", "gate+cache2", "gate+cache3"]
+    minisd_settings = ["plain", "gate", "cache2", "cache3", "gate+cache2", "gate+cache3", "cache2-b0", "gate+cache2-b0"]
     addons = {} if args.no_addons else {
         "deepcache cache2": {"name": "deepcache", "cache_interval": 2, "cache_branch_id": branch},
         "tgate gate": {"name": "tgate", "call": "tgate"},
@@ -192,9 +194,9 @@ def small_sd_part(args) -> dict:
     rows: dict[str, dict] = {}
     try:
         compiled = [("minisd-compiled", {"lib": "minisd", "mode": "minisd-bf16-compiled", "compiled": True,
-                                         "minisd_compile": True})] if args.compiled else []
+                                         "minisd_compile": True, "time_calls": False})] if args.compiled else []
         for name, spec in [("diffusers", {"lib": "diffusers", "mode": "diffusers-bf16"}),
-                           ("minisd", {"lib": "minisd", "mode": "minisd-bf16"})] + compiled + [
+                           ("minisd", {"lib": "minisd", "mode": "minisd-bf16", "time_calls": False})] + compiled + [
                 (name, {"lib": "diffusers", "mode": name, "addon": addon}) for name, addon in addons.items()]:
             worker = Worker({**base, **spec})
             try:
@@ -207,13 +209,15 @@ def small_sd_part(args) -> dict:
             workers[name] = worker
         jobs = [("diffusers", "plain", {})] if "diffusers" in workers else []
         jobs += [("minisd", s, call_kwargs(s, steps, args.cache_branch)) for s in minisd_settings if "minisd" in workers]
-        jobs += [("minisd-compiled", s, call_kwargs(s, steps, args.cache_branch)) for s in ("plain", "gate+cache2")
+        jobs += [("minisd-compiled", s, call_kwargs(s, steps, args.cache_branch)) for s in ("plain", "gate+cache2",
+                                                                                           "gate+cache2-b0")
                  if "minisd-compiled" in workers]
         jobs += [(name, name.split(" ", 1)[1], tgate_kwargs if "tgate" in name else {})
                  for name in addons if name in workers]
         for rep in range(args.repeats + 1):  # the first round warms up and is not counted
             order = jobs[rep % len(jobs):] + jobs[:rep % len(jobs)]
             for worker_name, setting, kwargs in order:
+                time.sleep(0.2)  # let the last worker's threads go idle (as tools/bench.py does)
                 key = f"{worker_name} {setting}" if worker_name in ("diffusers", "minisd", "minisd-compiled") else worker_name
                 try:
                     workers[worker_name].call("use", kwargs)
