@@ -31,7 +31,10 @@ saves is measured by tools/frontier.py (README, Speed).
 
 `SkippingUNet` is the UNet cut where the two methods need it, as a pure function of its
 inputs (cached features in, features to cache out), so that torch.compile can compile it like
-the UNet itself; `StepSkipping` holds one generation's caches and decides each step.
+the UNet itself, and int8 can quantize it (int8.py's Int8SkippingUNet: one int8 graph per kind
+of step); `StepSkipping` holds one generation's caches and decides each step. tgate's and
+DeepCache's packages on diffusers give the same images to float32 rounding
+(tests/test_step_skipping_addons.py).
 """
 from __future__ import annotations
 
@@ -55,9 +58,6 @@ def count_branches(unet: UNet2DConditionModel) -> int:
 
 def check_step_skipping(gate_step, cache_interval, cache_branch, unet) -> None:
     """Clear errors for settings no generation can run with."""
-    if (gate_step is not None or cache_interval is not None) and not isinstance(unet, nn.Module):
-        raise InputError("gate_step, cache_interval: not available with an int8 UNet yet (its int8 graph is "
-                         "the whole UNet); use a float pipeline")
     for name, value, least in (("gate_step", gate_step, 1), ("cache_interval", cache_interval, 1),
                                ("cache_branch", cache_branch, 0)):
         if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least):
@@ -78,6 +78,8 @@ def step_skipping_for(pipe, gate_step, cache_interval, cache_branch, guided: boo
     kinds and sizes run eagerly, with Dynamo's warning.)"""
     if gate_step is None and cache_interval is None:
         return None
+    if hasattr(pipe.unet, "skipping_model"):  # an int8 UNet quantizes its own cut (int8.py)
+        return StepSkipping(pipe.unet.skipping_model(cache_branch), gate_step, cache_interval, guided)
     compiled = getattr(pipe.unet, "_compiled_call_impl", None) is not None  # Pipeline.compile ran
     model = pipe.skipping_models.get(cache_branch)
     if model is None or model.unet is not pipe.unet or model.compiled != compiled:  # none yet, or stale
@@ -209,6 +211,7 @@ class StepSkipping:
     def unet_for_step(self, i: int):
         def unet(sample: torch.Tensor, t, context: torch.Tensor | None) -> torch.Tensor:
             cross = self.frozen_cross() if self.gated(i) else None
+            context = None if cross is not None else context  # past the gate the text is not read
             key = (tuple(sample.shape), None if context is None else tuple(context.shape))
             if not self.runs_full(i):
                 return self.model(sample, t, context, self.deep[key], cross)[0]

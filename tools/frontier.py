@@ -1,9 +1,9 @@
 """The speed/quality frontier of step skipping (T-GATE `gate_step`, DeepCache `cache_interval`),
 against the plainest way to go faster: fewer steps.
 
-    python tools/frontier.py                        # both parts; docs/frontier.json, docs/figures/frontier.png
-    python tools/frontier.py --part shapes          # the embedded model only (about 10 minutes)
-    python tools/frontier.py --part small-sd --repeats 3 --no-addons
+    python tools/frontier.py --overwrite            # both parts; docs/frontier.json, docs/figures/frontier.png
+    python tools/frontier.py --part shapes --overwrite          # the embedded model only (10-25 minutes)
+    python tools/frontier.py --part small-sd --compiled --overwrite  # small-sd's shapes (30-40 minutes)
 
 Part `shapes`: the embedded model (weights/minisd-shapes, the only trained model here).
 tools/eval_shapes.py's accuracy on the same 100 prompts and seeds for every setting, against
@@ -284,9 +284,16 @@ def main(argv=None) -> int:
     p.add_argument("--compiled", action="store_true",
                    help="part small-sd: also minisd compile=True, plain and gate+cache2 (compiling takes minutes)")
     add_model_options(p)
-    p.add_argument("--json", type=Path, default=ROOT / "docs" / "frontier.json")
+    p.add_argument("--json", type=Path, default=ROOT / "docs" / "frontier.json",
+                   help="results (read first: a part not run keeps its last results, and part shapes reuses "
+                        "the accuracies of settings it has measured)")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "figures" / "frontier.png")
+    p.add_argument("--overwrite", action="store_true", help="replace the results and plot files if they exist")
     args = p.parse_args(argv)
+    existing = [path for path in (args.json, args.plot) if path.exists()]
+    if existing and not args.overwrite:
+        p.error(f"{', '.join(map(str, existing))} exist(s): pass --overwrite to replace (the results are "
+                "updated, not lost), or give --json/--plot other paths")
 
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
     results["command"] = "python tools/frontier.py " + " ".join(sys.argv[1:] if argv is None else argv)
