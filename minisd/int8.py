@@ -149,24 +149,96 @@ class Int8UNet:
             with torch.autocast("cpu", torch.bfloat16, enabled=self.activations == torch.bfloat16):
                 return graph(x.float(), t, context.float()).to(x.dtype)
 
-    def _quantize(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
-        records = self._records.get(tuple(x.shape[-2:]))
+    def records_for(self, latent_size: tuple[int, int]) -> list[tuple]:
+        """The calibration records of this latent size, at most MAX_OBSERVED_CALLS, spread evenly."""
+        records = self._records.get(tuple(latent_size))
         if records is None:
-            raise InputError(f"int8 UNet: not calibrated for latents of {tuple(x.shape[-2:])}; the pipeline "
+            raise InputError(f"int8 UNet: not calibrated for latents of {tuple(latent_size)}; the pipeline "
                              "calibrates before the first image of each size (call the pipeline, not the UNet)")
-        prepare_pt2e, convert_pt2e, quantizer = self._pt2e
+        return records[::max(1, len(records) // MAX_OBSERVED_CALLS)][:MAX_OBSERVED_CALLS]
+
+    def _quantize(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
         log.info("int8: quantizing the UNet for inputs %s, context %s", tuple(x.shape), tuple(context.shape))
-        source = self.float32_source()
+        calibration = [fit_record(record, i, x.shape[0], t, context.shape[1])
+                       for i, record in enumerate(self.records_for(x.shape[-2:]))]
+        return quantize_graph(self._pt2e, self.float32_source(), (x.float(), t, context.float()), calibration)
+
+    def skipping_model(self, branch: int | None) -> "Int8SkippingUNet":
+        """step_skipping.SkippingUNet in int8, per branch (step_skipping_for asks for it)."""
+        models = self.__dict__.setdefault("_skipping", {})
+        if branch not in models:
+            models[branch] = Int8SkippingUNet(self, branch)
+        return models[branch]
+
+
+def quantize_graph(pt2e, source: nn.Module, example: tuple, calibration: list[tuple]):
+    """PT2E on `source` traced at `example`: export, observe the calibration inputs, convert,
+    compile with freezing (the module docstring's steps 1-5)."""
+    prepare_pt2e, convert_pt2e, quantizer = pt2e
+    with torch.no_grad():
+        exported = torch.export.export(source, example, strict=False).module()
+        observed = prepare_pt2e(exported, quantizer)
+        for inputs in calibration:
+            observed(*inputs)
+        converted = convert_pt2e(observed)
+    drop_dtype_assertions(converted)
+    compiled = torch.compile(converted, fullgraph=True, dynamic=False)
+    return WithInductorSettings(compiled, inductor_settings(example[0].device))
+
+
+class Int8SkippingUNet:
+    """The UNet cut for step skipping (step_skipping.SkippingUNet, same call) in int8: one
+    int8 graph per kind of step (full, recording, shallow, gated, gated shallow) and input
+    shapes. Each kind is calibrated on the size's records, the inputs it needs derived from
+    them by the float32 model: the deep features of a full step on the same inputs, and for
+    gated steps the conditional half of the latents with the mean of each cross-attention's
+    two halves (what a generation feeds these steps, taken at the recorded steps)."""
+
+    def __init__(self, owner: Int8UNet, branch: int | None):
+        self.owner, self.branch = owner, branch
+        self._graphs: dict[tuple, object] = {}
+
+    def __call__(self, sample: torch.Tensor, t, context=None, deep=None, cross=None, record: bool = False):
+        t = torch.as_tensor(t, device=sample.device)
+        tensors = [sample, context, deep, *(cross or ())]
+        key = (context is None, deep is None, cross is None, record, t.dtype, tuple(t.shape),
+               *(None if x is None else tuple(x.shape) for x in tensors))
+        float32 = [None if x is None else x.float() for x in (sample, context, deep)]
+        inputs = (float32[0], t, float32[1], float32[2], None if cross is None else tuple(c.float() for c in cross),
+                  record)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning)
+            if key not in self._graphs:
+                self._graphs[key] = self._quantize(inputs)
+            with torch.autocast("cpu", torch.bfloat16, enabled=self.owner.activations == torch.bfloat16):
+                noise, deep_out, recorded = self._graphs[key](*inputs)
+        back = sample.dtype
+        return noise.to(back), deep_out.to(back), None if recorded is None else tuple(r.to(back) for r in recorded)
+
+    def _quantize(self, inputs: tuple):
+        from .step_skipping import SkippingUNet  # step_skipping asks for this class: imported late, no cycle
+
+        x, t, context, deep, cross, record = inputs
+        log.info("int8: quantizing the step-skipping UNet for a %s step, inputs %s", "shallow" if deep is not None
+                 else "full", tuple(x.shape))
+        source = SkippingUNet(self.owner.float32_source(), self.branch)
+        calibration = []
         with torch.no_grad():
-            exported = torch.export.export(source, (x.float(), t, context.float()), strict=False).module()
-            observed = prepare_pt2e(exported, quantizer)
-            step = max(1, len(records) // MAX_OBSERVED_CALLS)
-            for i, record in enumerate(records[::step][:MAX_OBSERVED_CALLS]):
-                observed(*fit_record(record, i, x.shape[0], t, context.shape[1]))
-            converted = convert_pt2e(observed)
-        drop_dtype_assertions(converted)
-        compiled = torch.compile(converted, fullgraph=True, dynamic=False)
-        return WithInductorSettings(compiled, inductor_settings(x.device))
+            for i, rec in enumerate(self.owner.records_for(x.shape[-2:])):
+                rec_x, rec_t, rec_context = rec
+                rec_cross = None
+                if cross is not None:  # a gated step: the conditional half, the frozen cross-attention
+                    recorded = source(rec_x, rec_t, rec_context, record=True)[2]
+                    rec_cross = tuple(sum(c.chunk(2)) / 2 for c in recorded)
+                    rec_x, rec_context = rec_x.chunk(2)[1], None
+                rec_deep = None if deep is None else source(rec_x, rec_t, rec_context, None, rec_cross)[1]
+                rows = [(i + k) % rec_x.shape[0] for k in range(x.shape[0])]  # as fit_record takes them
+                length = None if context is None else context.shape[1]
+                rec_context = None if rec_context is None else fit_context(rec_context[rows], length)
+                calibration.append((rec_x[rows], rec_t.reshape(-1)[0].to(t.dtype).expand(t.shape), rec_context,
+                                    None if rec_deep is None else rec_deep[rows],
+                                    None if rec_cross is None else tuple(c[rows] for c in rec_cross), record))
+        return quantize_graph(self.owner._pt2e, source, inputs, calibration)
 
 
 def fit_record(record: tuple, shift: int, batch: int, t: torch.Tensor, length: int) -> tuple:
@@ -175,10 +247,14 @@ def fit_record(record: tuple, shift: int, batch: int, t: torch.Tensor, length: i
     alike) and the context's 77-token chunks repeated, as a long A1111 prompt's are."""
     x, t_rec, context = record
     rows = [(shift + i) % x.shape[0] for i in range(batch)]
-    context = context[rows]
+    return x[rows], t_rec.reshape(-1)[0].to(t.dtype).expand(t.shape), fit_context(context[rows], length)
+
+
+def fit_context(context: torch.Tensor, length: int) -> torch.Tensor:
+    """A context [B, T, D] brought to `length` tokens by repeating its 77-token chunks."""
     if context.shape[1] != length:
         context = context.repeat(1, math.ceil(length / context.shape[1]), 1)[:, :length]
-    return x[rows], t_rec.reshape(-1)[0].to(t.dtype).expand(t.shape), context
+    return context
 
 
 def calibrate_int8(pipe, height: int, width: int) -> bool:

@@ -152,3 +152,36 @@ def test_int8_pipeline_in_bfloat16_reuses_its_graph(int8_pipe):
     # bfloat16 rounding of the inputs moves many activations across int8 rounding steps: the
     # int8 error is drawn anew (measured 9% against the float32-input int8 output here).
     assert rel_rms(got, want) <= INT8_VS_FLOAT_TOL
+
+
+def test_int8_step_skipping_quantizes_each_kind_of_step_once(int8_pipe, tiny_current):
+    """gate_step=1, cache_interval=2 over 3 steps meets three kinds of step: the recording step
+    before the gate (CFG batch), a gated full step and a gated shallow step (batch 1, frozen
+    cross-attention). Each gets its own int8 graph, calibrated on inputs derived from the
+    size's records; each stays near the float32 cut UNet; a second prompt and seed reuse them."""
+    from minisd.step_skipping import SkippingUNet
+
+    run = dict(RUN, gate_step=1, cache_interval=2)
+    eager = Pipeline.from_pretrained(tiny_current, safety_checker=None)
+    first = int8_pipe("a red cube", generator=torch.Generator().manual_seed(0), **run).images
+    model = int8_pipe.unet._skipping[None]
+    assert len(model._graphs) == 3
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = int8_pipe("another prompt", generator=torch.Generator().manual_seed(1), **run).images
+    assert len(model._graphs) == 3
+    for got, (prompt, seed) in ((first, ("a red cube", 0)), (second, ("another prompt", 1))):
+        want = eager(prompt, generator=torch.Generator().manual_seed(seed), **run).images
+        assert np.isfinite(got).all() and np.abs(got - want).mean() < 0.1  # as the plain int8 pipeline's
+    # Each kind against the float32 cut UNet, on a recorded step's inputs (derived as calibration does).
+    reference = SkippingUNet(int8_pipe.unet.float32_source())
+    x, t, context = int8_pipe.unet._records[(8, 8)][5]
+    with torch.no_grad():
+        noise, deep, recorded = reference(x, t, context, record=True)
+        cross = tuple(sum(c.chunk(2)) / 2 for c in recorded)
+        cond = x.chunk(2)[1]
+        _, gated_deep, _ = reference(cond, t, None, None, cross)
+        cases = [((x, t, context, None, None, True), noise),
+                 ((cond, t, None, None, cross), reference(cond, t, None, None, cross)[0]),
+                 ((cond, t, None, gated_deep, cross), reference(cond, t, None, gated_deep, cross)[0])]
+        for inputs, want in cases:
+            assert rel_rms(model(*inputs)[0], want) <= INT8_VS_FLOAT_TOL
