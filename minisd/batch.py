@@ -285,6 +285,8 @@ def _plan(args, prompts, pipe) -> str:
                "strength": args.strength, "safety_checker": pipe.safety_checker is not None, "seed": seed}
         # Step skipping changes the images: part of the run, recorded only when used (older runs lack it).
         run.update({k: v for k, v in step_skipping(args).items() if v is not None})
+        if args.fast:
+            run["fast"] = True
         # Everything that can be refused is refused before the folder is claimed, so that a
         # corrected prompt file is not then refused as "another run".
         _check_items(make_items(prompts, args, seed, args.prompts), pipe, args)
@@ -350,13 +352,14 @@ def _work(pipe, args, workers: Workers, folder: Folder, todo: list[Item], done_b
             out = pipe(item.prompt, negative_prompt=item.negative_prompt, num_inference_steps=item.steps,
                        guidance_scale=item.guidance, height=item.height, width=item.width,
                        generator=[torch.Generator().manual_seed(item.seed)], image=image, strength=item.strength,
-                       clip_skip=args.clip_skip - 1, prompt_syntax=args.prompt_syntax, **step_skipping(args))
+                       clip_skip=args.clip_skip - 1, prompt_syntax=args.prompt_syntax,
+                       **step_skipping(args, steps=item.steps))
             picture = out.images[0]
             strength = (DEFAULT_STRENGTH if item.strength is None else item.strength) if image is not None else None
             text = generation_parameters(item.prompt, item.negative_prompt, item.steps, pipe.scheduler.sampler_name,
                                          item.guidance, item.seed, picture.width, picture.height, pipe.name,
                                          denoising_strength=strength, clip_skip=args.clip_skip,
-                                         **step_skipping(args, pipe))
+                                         **step_skipping(args, pipe, item.steps))
             save_png_atomically(picture, folder.root / item.file, text, overwrite=True)
             nsfw = bool(out.nsfw_content_detected and out.nsfw_content_detected[0])
             folder.append(workers.rank, {**asdict(item), "file": item.file, "width": picture.width,

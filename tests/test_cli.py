@@ -311,6 +311,11 @@ def bad_inputs(folder: Path) -> dict[str, Path]:
     (["--clip-skip", "-1"], "--clip-skip: must be at least 1"),
     (["--clip-skip", "1.5"], "invalid int value"),
     (["--prompt-syntax", "comfy"], "invalid choice: 'comfy'"),
+    (["--gate-step", "0"], "--gate-step: must be at least 1"),
+    (["--cache-interval", "0"], "--cache-interval: must be at least 1"),
+    (["--cache-interval", "2", "--cache-branch", "-1"], "--cache-branch: must be at least 0"),
+    (["--cache-branch", "1"], "--cache-branch: applies with --cache-interval only"),
+    (["--gate-step", "two"], "invalid int value"),
 ])
 def test_bad_new_options_one_line_exit_2_before_loading(tmp_path, args, words):
     """Checked before the model loads: the model folder named here does not exist, which
@@ -339,3 +344,36 @@ def test_clip_skip_too_large_for_the_model(tiny_current, tmp_path):
         assert lines[0] == (f"minisd: error: --clip-skip: must lie in [1, {layers + 1}] for this model "
                             f"(its text encoder has {layers} layers; 1 = the last), got {n}")
     assert not list(tmp_path.iterdir())
+
+
+def test_step_skipping_options_give_what_the_pipeline_gives(tiny_current, tmp_path):
+    """--gate-step, --cache-interval, --cache-branch reach the pipeline and the PNG says them
+    (the branch as used, also when defaulted); --fast is 20 steps, the gate at 60% of the
+    steps and --cache-interval 2, and what is given explicitly wins."""
+    import torch
+
+    from minisd import Pipeline
+
+    pipe = Pipeline.from_pretrained(tiny_current, dtype=torch.float32)
+
+    def expected(steps, **kwargs):
+        return np.asarray(pipe("a cat", num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(5),
+                               **kwargs).images[0])
+
+    common = ["-s", "5", "-m", str(tiny_current), "--size", "64x64", "--quiet", "--dtype", "float32",
+              "--device", "cpu"]
+    cases = [(["--steps", "6", "--gate-step", "2", "--cache-interval", "3"], 6,
+              dict(gate_step=2, cache_interval=3), "T-GATE gate step: 2, DeepCache interval: 3, DeepCache branch: 1"),
+             (["--steps", "6", "--cache-interval", "2", "--cache-branch", "0"], 6,
+              dict(cache_interval=2, cache_branch=0), "DeepCache interval: 2, DeepCache branch: 0"),
+             (["--fast"], 20, dict(gate_step=12, cache_interval=2), "T-GATE gate step: 12, DeepCache interval: 2"),
+             (["--fast", "--steps", "10", "--cache-interval", "3"], 10, dict(gate_step=6, cache_interval=3),
+              "T-GATE gate step: 6, DeepCache interval: 3")]
+    for k, (options, steps, kwargs, fields) in enumerate(cases):
+        out = tmp_path / f"{k}.png"
+        assert main(["generate", "a cat", "-o", str(out), *common, *options]) == 0
+        image = Image.open(out)
+        assert np.array_equal(np.asarray(image), expected(steps, **kwargs)), options
+        assert f"Steps: {steps}," in image.text["parameters"] and fields in image.text["parameters"], options
+    assert "T-GATE" not in Image.open(tmp_path / "1.png").text["parameters"]
+
