@@ -284,7 +284,7 @@ def _plan(args, prompts, pipe) -> str:
                "prompt_syntax": args.prompt_syntax, "init_image": args.init_image and str(args.init_image),
                "strength": args.strength, "safety_checker": pipe.safety_checker is not None, "seed": seed}
         # Step skipping changes the images: part of the run, recorded only when used (older runs lack it).
-        run.update({k: v for k, v in step_skipping(args).items() if v is not None})
+        run.update({k: v for k, v in step_skipping(args, pipe).items() if v is not None})
         if args.fast:
             run["fast"] = True
         # Everything that can be refused is refused before the folder is claimed, so that a
@@ -353,7 +353,7 @@ def _work(pipe, args, workers: Workers, folder: Folder, todo: list[Item], done_b
                        guidance_scale=item.guidance, height=item.height, width=item.width,
                        generator=[torch.Generator().manual_seed(item.seed)], image=image, strength=item.strength,
                        clip_skip=args.clip_skip - 1, prompt_syntax=args.prompt_syntax,
-                       **step_skipping(args, steps=item.steps))
+                       **step_skipping(args, pipe, item.steps))
             picture = out.images[0]
             strength = (DEFAULT_STRENGTH if item.strength is None else item.strength) if image is not None else None
             text = generation_parameters(item.prompt, item.negative_prompt, item.steps, pipe.scheduler.sampler_name,

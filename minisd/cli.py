@@ -96,11 +96,12 @@ def build_parser() -> ArgumentParser:
     generation.add_argument("--cache-interval", type=int, metavar="N",
                             help="DeepCache: run the whole UNet every N-th step, only its shallow part between")
     generation.add_argument("--cache-branch", type=int, metavar="B",
-                            help="DeepCache: the skip branch below which features are cached (default: the "
-                                 "model's layers per block, the last up block)")
+                            help="DeepCache: the skip branch below which features are cached (default 0: a "
+                                 "shallow step runs only the last up layer)")
     generation.add_argument("--fast", action="store_true",
                             help="the preset on the measured speed/quality frontier: 20 steps, --gate-step at 60%% "
-                                 "of the steps, --cache-interval 2 (options given explicitly win; README, Speed)")
+                                 "of the steps, --cache-interval 2 caching the last up block (--cache-branch = the "
+                                 "model's layers per block); options given explicitly win (README, Speed)")
     generation.add_argument("--quiet", action="store_true", help="no progress bar")
     parser = ArgumentParser(prog="minisd", parents=[common],
                             description="Stable Diffusion v1 in plain PyTorch: text-to-image, image-to-image, "
@@ -257,7 +258,7 @@ def generate(args: argparse.Namespace) -> int:
                       num_inference_steps=args.steps, guidance_scale=args.guidance,
                       num_images_per_prompt=args.num_images, generator=generators, progress=not args.quiet,
                       image=init_image, strength=strength, clip_skip=args.clip_skip - 1,
-                      prompt_syntax=args.prompt_syntax, **step_skipping(args))
+                      prompt_syntax=args.prompt_syntax, **step_skipping(args, pipe))
     except InputError as e:
         if not str(e).startswith("clip_skip"):
             raise

@@ -18,9 +18,12 @@ run only the shallow part, from the cached features:
 
 The skip branches are numbered from the outside: branch 0 is the skip from conv_in to the
 last up layer, branch b the skip saved by the b-th down layer (a resnet with its attention, or
-a downsampler) and read by the (b+1)-th up layer from the end. `cache_branch` picks it; the
-default, `layers_per_block`, caches what enters the last up block, so a shallow step runs
-conv_in, the first down block's layers, the last up block and conv_out. (DeepCache's package
+a downsampler) and read by the (b+1)-th up layer from the end. `cache_branch` picks it. The
+default, chosen by tools/frontier.py's measurements, is branch 0, as in DeepCache's package: a
+shallow step runs conv_in, the last up layer and conv_out. Branch `layers_per_block` (what
+enters the last up block: the first down block's layers and the whole last up block run) gave
+the embedded model the same accuracy (within half a point either way at 15, 20 and 25 steps)
+and took 13-14% longer per image on small-sd's shapes (README, Speed). (DeepCache's package
 numbers the same branches the same way, `cache_branch_id`, for layers_per_block=2.)
 
 Both combine. The step before the gate always runs full, so that every layer's cross-attention
@@ -58,7 +61,7 @@ def count_branches(unet: UNet2DConditionModel) -> int:
 
 def default_branch(unet: UNet2DConditionModel) -> int:
     """The skip branch cached when none is asked for: the module docstring says why this one."""
-    return unet.config.layers_per_block
+    return 0
 
 
 def check_step_skipping(gate_step, cache_interval, cache_branch, unet) -> None:
@@ -251,8 +254,9 @@ def warn_if_gate_unreached(gate_step: int | None, steps_run: int) -> None:
 # --- the command line: `minisd generate` and `minisd batch` share these options -------------
 
 # --fast: a setting on the Pareto front tools/frontier.py measured on the embedded model (README,
-# Speed): 20 steps, the gate at 60% of them, the whole UNet every second step. There it took
-# 0.42x the time of plain 25 steps for 98.0% mean accuracy against 99.2% (shape 92% against 98%).
+# Speed): 20 steps, the gate at 60% of them, the whole UNet every second step, caching what
+# enters the last up block (branch layers_per_block). There it took 0.42x the time of plain 25
+# steps for 98.0% mean accuracy against 99.2% (shape 92% against 98%).
 FAST_STEPS, FAST_GATE_SHARE, FAST_CACHE_INTERVAL = 20, 0.6, 2
 
 def check_step_skipping_options(args) -> None:
@@ -266,14 +270,15 @@ def check_step_skipping_options(args) -> None:
         raise InputError("--cache-branch: applies with --cache-interval only; give --cache-interval N too")
 
 
-def step_skipping(args, pipe=None, steps: int | None = None) -> dict:
-    """The step-skipping keywords of a Pipeline call of `steps` (default --steps); with `pipe`,
-    of generation_parameters (the branch the pipeline uses, so that the PNG says it even when
-    it was the default). --fast fills in what was not given explicitly."""
+def step_skipping(args, pipe, steps: int | None = None) -> dict:
+    """The step-skipping keywords of `pipe`'s call of `steps` (default --steps), and of its
+    generation_parameters: every value as used, the default branch too, so that the PNG says
+    it. --fast fills in what was not given explicitly."""
     gate, interval, branch = args.gate_step, args.cache_interval, args.cache_branch
     if getattr(args, "fast", False):
         gate = round(FAST_GATE_SHARE * (steps or args.steps)) if gate is None else gate
         interval = FAST_CACHE_INTERVAL if interval is None else interval
-    if pipe is not None and interval is not None and branch is None:
+        branch = pipe.unet.config.layers_per_block if branch is None else branch  # the branch measured
+    if interval is not None and branch is None:
         branch = default_branch(pipe.unet)
     return {"gate_step": gate, "cache_interval": interval, "cache_branch": branch}

@@ -363,12 +363,14 @@ def test_step_skipping_options_give_what_the_pipeline_gives(tiny_current, tmp_pa
     common = ["-s", "5", "-m", str(tiny_current), "--size", "64x64", "--quiet", "--dtype", "float32",
               "--device", "cpu"]
     cases = [(["--steps", "6", "--gate-step", "2", "--cache-interval", "3"], 6,
-              dict(gate_step=2, cache_interval=3), "T-GATE gate step: 2, DeepCache interval: 3, DeepCache branch: 1"),
-             (["--steps", "6", "--cache-interval", "2", "--cache-branch", "0"], 6,
-              dict(cache_interval=2, cache_branch=0), "DeepCache interval: 2, DeepCache branch: 0"),
-             (["--fast"], 20, dict(gate_step=12, cache_interval=2), "T-GATE gate step: 12, DeepCache interval: 2"),
-             (["--fast", "--steps", "10", "--cache-interval", "3"], 10, dict(gate_step=6, cache_interval=3),
-              "T-GATE gate step: 6, DeepCache interval: 3")]
+              dict(gate_step=2, cache_interval=3), "T-GATE gate step: 2, DeepCache interval: 3, DeepCache branch: 0"),
+             (["--steps", "6", "--cache-interval", "2", "--cache-branch", "2"], 6,
+              dict(cache_interval=2, cache_branch=2), "DeepCache interval: 2, DeepCache branch: 2"),
+             (["--fast"], 20, dict(gate_step=12, cache_interval=2, cache_branch=1),
+              "T-GATE gate step: 12, DeepCache interval: 2, DeepCache branch: 1"),
+             (["--fast", "--steps", "10", "--cache-interval", "3", "--cache-branch", "0"], 10,
+              dict(gate_step=6, cache_interval=3, cache_branch=0), "T-GATE gate step: 6, DeepCache interval: 3, "
+                                                                   "DeepCache branch: 0")]
     for k, (options, steps, kwargs, fields) in enumerate(cases):
         out = tmp_path / f"{k}.png"
         assert main(["generate", "a cat", "-o", str(out), *common, *options]) == 0

@@ -14,10 +14,8 @@ def test_settings_become_pipeline_keywords():
     assert frontier.call_kwargs("plain", 25) == {}
     assert frontier.call_kwargs("gate", 25) == {"gate_step": 10}
     assert frontier.call_kwargs("gate60", 20) == {"gate_step": 12}
-    assert frontier.call_kwargs("gate+cache2", 15) == {"gate_step": 6, "cache_interval": 2}
-    assert frontier.call_kwargs("gate+cache2", 15, branch=3) == {"gate_step": 6, "cache_interval": 2,
-                                                                  "cache_branch": 3}
-    assert frontier.call_kwargs("cache2-b0", 25, branch=3) == {"cache_interval": 2, "cache_branch": 0}
+    assert frontier.call_kwargs("gate+cache2-b1", 15) == {"gate_step": 6, "cache_interval": 2, "cache_branch": 1}
+    assert frontier.call_kwargs("cache2-b0", 25) == {"cache_interval": 2, "cache_branch": 0}
     assert frontier.call_kwargs("guidance-stop", 25) == {}  # an ablation: not a Pipeline setting
 
 
@@ -38,11 +36,11 @@ def test_small_sd_part_runs_and_matches_the_addons(tmp_path, make_tiny):
                           str(tmp_path / "plot.png")])
     assert code == 0
     rows = json.loads(out.read_text())["small_sd"]["rows"]
-    for key in ("diffusers plain", "minisd plain", "minisd gate+cache2", "deepcache cache2", "tgate gate",
-                "tgate+deepcache gate+cache2"):
+    for key in ("diffusers plain", "minisd plain", "minisd gate+cache2-b1", "minisd gate+cache2-b0",
+                "deepcache cache2-b1", "tgate gate", "tgate+deepcache gate+cache2-b1"):
         assert "error" not in rows[key], (key, rows[key])
         assert rows[key]["s_per_image"] > 0
     assert rows["diffusers plain"]["vs_diffusers_plain"] == pytest.approx(1.0)
-    for ours, theirs in (("minisd gate", "tgate_gate"), ("minisd cache2", "deepcache_cache2"),
-                         ("minisd gate+cache2", "tgate+deepcache_gate+cache2")):
+    for ours, theirs in (("minisd gate", "tgate_gate"), ("minisd cache2-b1", "deepcache_cache2-b1"),
+                         ("minisd gate+cache2-b1", "tgate+deepcache_gate+cache2-b1")):
         assert rows[ours][f"psnr_vs_{theirs}"] >= PSNR_SAME_METHOD_DB, ours

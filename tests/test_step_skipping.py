@@ -207,8 +207,8 @@ def test_skipping_unet_full_and_fresh_shallow_steps_are_the_unet(unets, levers, 
         shallow, deep_again, _ = model(x, t, ctx, deep=deep)
         assert torch.equal(shallow, expected), f"shallow step from fresh features, branch {branch}"
         assert deep_again is deep  # a shallow step hands the cache back unchanged
-    # the default branch is layers_per_block: what enters the last up block
-    assert SkippingUNet(unet).branch == layers_per_block
+    # the default branch is 0, the outermost: a shallow step runs the last up layer only
+    assert SkippingUNet(unet).branch == 0
     assert torch.equal(SkippingUNet(unet)(x, t, ctx)[0], expected)
 
 
@@ -295,7 +295,7 @@ def test_full_and_shallow_steps_follow_the_rule(pipes, steps, gate_step, interva
     mid = {i for i in range(steps) if counter.calls_at("mid", i)}
     assert mid == full
     assert all(counter.calls_at("mid", i) == 1 for i in full)  # one batched UNet call per step
-    # a shallow step at the default branch (layers_per_block) stays out of the deeper down blocks
+    # a shallow step at the default branch (0) stays out of the deeper down blocks
     if branch is None:
         assert {i for i in range(steps) if counter.calls_at("deep_down", i)} == full
     for i in range(steps):

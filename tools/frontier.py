@@ -41,25 +41,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN_STEPS = (6, 8, 10, 15, 20, 25)
 SKIP_STEPS = (15, 20, 25)
-# name -> (gate at this share of the steps or None, cache_interval or None, cache_branch or None: minisd's default)
-SETTINGS = {"gate": (0.4, None, None), "cache2": (None, 2, None), "cache3": (None, 3, None),
-            "gate+cache2": (0.4, 2, None), "gate+cache3": (0.4, 3, None), "gate60": (0.6, None, None),
-            "gate60+cache2": (0.6, 2, None), "cache2-b0": (None, 2, 0), "gate+cache2-b0": (0.4, 2, 0)}
+# name -> (gate at this share of the steps or None, cache_interval or None, cache_branch). Branch 1
+# is what enters the last up block of these layers_per_block=1 models; branch 0, the outermost,
+# became minisd's default from these measurements.
+SETTINGS = {"gate": (0.4, None, None), "cache2-b1": (None, 2, 1), "cache3-b1": (None, 3, 1),
+            "gate+cache2-b1": (0.4, 2, 1), "gate+cache3-b1": (0.4, 3, 1), "gate60": (0.6, None, None),
+            "gate60+cache2-b1": (0.6, 2, 1), "cache2-b0": (None, 2, 0), "gate+cache2-b0": (0.4, 2, 0)}
 
 
-def call_kwargs(setting: str, steps: int, branch: int | None = None) -> dict:
+def call_kwargs(setting: str, steps: int) -> dict:
     """The Pipeline keywords of a named setting at `steps`."""
     if setting == "plain" or setting in ABLATIONS:
         return {}
-    share, interval, setting_branch = SETTINGS[setting]
+    share, interval, branch = SETTINGS[setting]
     kwargs = {}
     if share is not None:
         kwargs["gate_step"] = round(share * steps)
     if interval is not None:
-        kwargs["cache_interval"] = interval
-        branch = branch if setting_branch is None else setting_branch
-        if branch is not None:
-            kwargs["cache_branch"] = branch
+        kwargs.update(cache_interval=interval, cache_branch=branch)
     return kwargs
 
 
@@ -98,7 +97,7 @@ def shapes_part(args, previous: dict | None) -> list[dict]:
 
     def generate(setting, steps, count):
         with ablation(setting, steps):
-            kwargs = call_kwargs(setting, steps, args.cache_branch)
+            kwargs = call_kwargs(setting, steps)
             run = ablation_pipe if setting in ABLATIONS else pipe
             return eval_shapes.generate(lambda *a, **k: run(*a, **k, **kwargs), texts[:count], seeds[:count],
                                         steps, args.guidance)
@@ -108,7 +107,7 @@ def shapes_part(args, previous: dict | None) -> list[dict]:
         point = known.get((setting, steps))
         if point is None:
             accuracy, _ = eval_shapes.score(generate(setting, steps, args.n), truths)
-            point = {"setting": setting, "steps": steps, "kwargs": call_kwargs(setting, steps, args.cache_branch),
+            point = {"setting": setting, "steps": steps, "kwargs": call_kwargs(setting, steps),
                      "metrics": accuracy, "accuracy": statistics.mean(accuracy[k] for k in eval_shapes.JUDGED)}
         points.append(point)
         print(f"{setting:<14} {steps:>2} steps  " + "  ".join(f"{k} {point['metrics'][k]:.0%}"
@@ -180,14 +179,15 @@ def small_sd_part(args) -> dict:
     base = {"folder": str(folder), "device": "cpu", "size": args.size, "steps": steps, "dtype": "bf16",
             "compiled": False, "minisd_from": None, "minisd_compile": None, "diffusers_compile_mode": None,
             "compile_cache": None}
-    branch = args.cache_branch if args.cache_branch is not None else 1  # minisd's default for layers_per_block=1
-    # (worker, setting): minisd runs every setting in one process, each add-on has its own.
-    minisd_settings = ["plain", "gate", "cache2", "cache3", "gate+cache2", "gate+cache3", "cache2-b0", "gate+cache2-b0"]
+    # (worker, setting): minisd runs every setting in one process, each add-on has its own (at
+    # branch 1: DeepCache's cache_branch_id numbers branches 0 and 1 as minisd does for these models).
+    minisd_settings = ["plain", "gate", "cache2-b1", "cache3-b1", "gate+cache2-b1", "gate+cache3-b1", "cache2-b0",
+                       "gate+cache2-b0"]
     addons = {} if args.no_addons else {
-        "deepcache cache2": {"name": "deepcache", "cache_interval": 2, "cache_branch_id": branch},
+        "deepcache cache2-b1": {"name": "deepcache", "cache_interval": 2, "cache_branch_id": 1},
         "tgate gate": {"name": "tgate", "call": "tgate"},
-        "tgate+deepcache gate+cache2": {"name": "tgate-deepcache", "call": "tgate", "cache_interval": 2,
-                                        "cache_branch_id": branch},
+        "tgate+deepcache gate+cache2-b1": {"name": "tgate-deepcache", "call": "tgate", "cache_interval": 2,
+                                           "cache_branch_id": 1},
     }
     tgate_kwargs = {"gate_step": gate, "sp_interval": 1, "fi_interval": 1, "warm_up": 0}
     workers: dict[str, Worker] = {}
@@ -208,9 +208,8 @@ def small_sd_part(args) -> dict:
                 continue
             workers[name] = worker
         jobs = [("diffusers", "plain", {})] if "diffusers" in workers else []
-        jobs += [("minisd", s, call_kwargs(s, steps, args.cache_branch)) for s in minisd_settings if "minisd" in workers]
-        jobs += [("minisd-compiled", s, call_kwargs(s, steps, args.cache_branch)) for s in ("plain", "gate+cache2",
-                                                                                           "gate+cache2-b0")
+        jobs += [("minisd", s, call_kwargs(s, steps)) for s in minisd_settings if "minisd" in workers]
+        jobs += [("minisd-compiled", s, call_kwargs(s, steps)) for s in ("plain", "gate+cache2-b1")
                  if "minisd-compiled" in workers]
         jobs += [(name, name.split(" ", 1)[1], tgate_kwargs if "tgate" in name else {})
                  for name in addons if name in workers]
@@ -241,8 +240,8 @@ def small_sd_part(args) -> dict:
             row["s_per_image"] = statistics.median(row["e2e_all"])
             row["vs_diffusers_plain"] = row["s_per_image"] / baseline
     # The same method on the same weights: minisd's image against the add-on's.
-    for addon, ours in (("deepcache cache2", "minisd cache2"), ("tgate gate", "minisd gate"),
-                        ("tgate+deepcache gate+cache2", "minisd gate+cache2"), ("diffusers plain", "minisd plain")):
+    for addon, ours in (("deepcache cache2-b1", "minisd cache2-b1"), ("tgate gate", "minisd gate"),
+                        ("tgate+deepcache gate+cache2-b1", "minisd gate+cache2-b1"), ("diffusers plain", "minisd plain")):
         if "image" in rows.get(addon, {}) and "image" in rows.get(ours, {}):
             rows[ours][f"psnr_vs_{addon.replace(' ', '_')}"] = psnr(rows[ours]["image"], rows[addon]["image"])
     for row in rows.values():
@@ -276,7 +275,6 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="part shapes: torch threads (eval_shapes' default)")
     p.add_argument("--time-rounds", type=int, default=3, help="part shapes: alternated timing rounds")
     p.add_argument("--time-images", type=int, default=10, help="part shapes: images per setting and round")
-    p.add_argument("--cache-branch", type=int, default=None, help="DeepCache's skip branch (default: minisd's)")
     p.add_argument("--size", type=int, default=256, help="part small-sd")
     p.add_argument("--steps", type=int, default=25, help="part small-sd")
     p.add_argument("--repeats", type=int, default=3, help="part small-sd: alternated repetitions")

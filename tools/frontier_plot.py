@@ -7,9 +7,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLOURS = {"plain": (40, 40, 40), "gate": (214, 39, 40), "cache2": (31, 119, 180), "cache3": (23, 190, 207),
-           "gate+cache2": (148, 103, 189), "gate+cache3": (255, 127, 14), "gate60": (140, 86, 75),
-           "gate60+cache2": (227, 119, 194), "guidance-stop": (150, 150, 150), "cache2-b0": (188, 189, 34),
+COLOURS = {"plain": (40, 40, 40), "gate": (214, 39, 40), "cache2-b1": (31, 119, 180), "cache3-b1": (23, 190, 207),
+           "gate+cache2-b1": (148, 103, 189), "gate+cache3-b1": (255, 127, 14), "gate60": (140, 86, 75),
+           "gate60+cache2-b1": (227, 119, 194), "guidance-stop": (150, 150, 150), "cache2-b0": (188, 189, 34),
            "gate+cache2-b0": (44, 160, 44)}
 W, H, LEFT, RIGHT, TOP, BOTTOM = 900, 560, 80, 200, 40, 60
 
