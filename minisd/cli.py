@@ -44,6 +44,12 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print usage and exit; we want one line
         raise UsageError(f"{self.prog}: {message}")
 
+    def parse_known_args(self, args=None, namespace=None):
+        args, rest = super().parse_known_args(args, namespace)
+        if getattr(args, "steps", 0) is None:  # --steps not given: its default depends on --fast
+            args.steps = FAST_STEPS if args.fast else 25
+        return args, rest
+
 
 def build_parser() -> ArgumentParser:
     # Short options follow stable-diffusion.cpp's where it has them (-n negative prompt,
@@ -339,8 +345,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 2
-        if args.command in ("generate", "batch") and args.steps is None:
-            args.steps = FAST_STEPS if args.fast else 25
         if args.command == "batch":
             from .batch import run_batch
             return run_batch(args, load_pipeline)
