@@ -26,7 +26,7 @@ import eval_shapes
 import shapes
 import shapes_grid
 from minisd.pipeline import Pipeline
-from shapes_model import CLIP_VOCAB_DIR, SCHEDULER, TEXT, UNET, VAE, State
+from shapes_model import CLIP_VOCAB_DIR, SCHEDULER, TEXT, VAE, State, unet_config
 
 DIFFUSERS_VERSION = "0.42.1"  # the version whose config format this writes (and tests load it)
 TRANSFORMERS_VERSION = "5.24.0"
@@ -96,7 +96,7 @@ def write_pipeline(state: State, out: Path) -> None:
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     })
-    unet = _listed(UNET)
+    unet = _listed(unet_config(state.plan))
     unet.pop("num_attention_heads")  # None: diffusers reads attention_head_dim (the head count)
     _json(out / "unet" / "config.json", {"_class_name": "UNet2DConditionModel",
                                          "_diffusers_version": DIFFUSERS_VERSION, **unet})
@@ -152,6 +152,18 @@ def model_card(state: State, out: Path, n_eval: int, pipe: Pipeline) -> str:
     total_mb = sum(p.stat().st_size for p in files) / 1e6
     hours = lambda s: f"{s / 3600:.1f} h" if s > 5400 else f"{s / 60:.0f} min"
     colours = ", ".join(shapes.COLOURS)
+    unet_config_ = unet_config(plan)
+    layout = "small-sd's layout" if unet_config_.layers_per_block == 1 else "SD v1-4/v1-5's layout"
+    if state.encoders_from:
+        encoders = (f"* VAE and text encoder: taken from `{state.encoders_from}` as they are (not trained "
+                    "again), so that this UNet\n  sees the same latents and text states as that model's.")
+    else:
+        encoders = (f"""* VAE: {plan.vae_steps} steps of batch {plan.vae_batch} ({plan.vae_steps * plan.vae_batch:,} images), AdamW lr {plan.vae_lr:g} with cosine
+  decay, L1 + MSE reconstruction + {plan.kl_weight:g} x KL; {hours(state.seconds['vae'])}.
+* Text encoder, as CLIP: {plan.clip_steps} steps of batch {plan.clip_batch} ({plan.clip_steps * plan.clip_batch:,} caption-image pairs),
+  contrastive loss against a small CNN on the latents (discarded), AdamW lr {plan.clip_lr:g}; {hours(state.seconds['clip'])}.""")
+    reproduce = "python tools/train_shapes.py" + (f" --layers-per-block {unet_config_.layers_per_block}"
+                                                 if unet_config_.layers_per_block != 1 else "")
     evals = "\n".join(f"| {e['step']} | " + " | ".join(f"{e[k]:.0%}" for k in eval_shapes.JUDGED) + " |"
                       for e in state.evals)
     return f"""---
@@ -214,7 +226,7 @@ in a neighbouring colour (orange as red, yellow as orange). Guidance 3 does not
 | component | what | parameters |
 |---|---|---|
 | text_encoder | CLIP text transformer (causal), {TEXT.num_hidden_layers} layers, width {TEXT.hidden_size}, {TEXT.num_attention_heads} heads, the real 49,408-token CLIP vocabulary | {params['text_encoder'] / 1e6:.2f}M (of which {TEXT.vocab_size * TEXT.hidden_size / 1e6:.2f}M token embeddings) |
-| unet | SD v1 UNet, layers_per_block 1 (small-sd's layout), channels {list(UNET.block_out_channels)}, cross-attention at 8x8, 4x4 and the middle | {params['unet'] / 1e6:.2f}M |
+| unet | SD v1 UNet, layers_per_block {unet_config_.layers_per_block} ({layout}), channels {list(unet_config_.block_out_channels)}, cross-attention at 8x8, 4x4 and the middle | {params['unet'] / 1e6:.2f}M |
 | vae | AutoencoderKL, channels {list(VAE.block_out_channels)}: 64x64x3 images <-> 16x16x4 latents, scaling_factor {state.scaling_factor:.5f} | {params['vae'] / 1e6:.2f}M |
 | scheduler | DPM-Solver++ (2nd order) on SD v1's scaled-linear betas (0.00085 to 0.012, 1000 steps), epsilon prediction | |
 
@@ -227,10 +239,7 @@ gives the same images (tests/test_shapes.py checks it).
 * Data: tools/shapes.py, an endless procedural set of captioned 64x64 images (one shape,
   {len(shapes.COLOURS)} colours: {colours}; {len(shapes.SHAPES)} shapes, 2 sizes, 5 positions, with a few pixels of
   jitter), captions from a small grammar with five sentence forms. Never the same image twice.
-* VAE: {plan.vae_steps} steps of batch {plan.vae_batch} ({plan.vae_steps * plan.vae_batch:,} images), AdamW lr {plan.vae_lr:g} with cosine
-  decay, L1 + MSE reconstruction + {plan.kl_weight:g} x KL; {hours(state.seconds['vae'])}.
-* Text encoder, as CLIP: {plan.clip_steps} steps of batch {plan.clip_batch} ({plan.clip_steps * plan.clip_batch:,} caption-image pairs),
-  contrastive loss against a small CNN on the latents (discarded), AdamW lr {plan.clip_lr:g}; {hours(state.seconds['clip'])}.
+{encoders}
 * UNet, text encoder frozen: {plan.steps} steps of batch {plan.batch} ({plan.steps * plan.batch:,} images), AdamW lr {plan.lr:g}
   ({plan.warmup} warm-up steps, cosine decay to a tenth), gradient clipping at 1, epsilon loss
   weighted over timesteps by min(SNR, {plan.min_snr_gamma:g})/SNR x min(1 + 1/SNR, {plan.high_noise_cap:g}) (see `loss_weights`),
@@ -239,8 +248,8 @@ gives the same images (tests/test_shapes.py checks it).
 * In all {hours(sum(state.seconds.values()))} of training (wall time of the training steps, not counting
   the small evaluations) on {state.hardware}, shared with other jobs. Seed {plan.seed}.
 * Changes made while resuming: {"; ".join(state.history) or "none"}.
-* Reproduce (resumable; checkpoints and the folder in .cache/train_shapes/): `python tools/train_shapes.py`;
-  `--export-only --out weights/minisd-shapes --overwrite` replaces this folder.
+* Reproduce (resumable; checkpoints and the folder under .cache/): `{reproduce}`;
+  `--export-only --out FOLDER --overwrite` rewrites this folder from the last checkpoint.
 
 Accuracy during training (20 prompts, 10 steps, guidance 7.5, EMA weights; the colour
 column suffers from the overshoot above):

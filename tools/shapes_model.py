@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 import shapes
-from minisd.clip import CLIPTextModel
+from minisd.clip import CLIPTextModel, load_text_encoder
 from minisd.config import minisd_shapes
 from minisd.dpm_solver import DPMSolverMultistep
 from minisd.pipeline import Pipeline
 from minisd.tokenizer import CLIPTokenizer
 from minisd.unet import UNet2DConditionModel
-from minisd.vae import AutoencoderKL
+from minisd.vae import AutoencoderKL, load_vae
 
 CLIP_VOCAB_DIR = Path(__file__).resolve().parents[1] / "weights" / "clip"
 
@@ -61,6 +61,14 @@ class Plan:
     high_noise_cap: float = 20.0  # see loss_weights
     ema_decay: float = 0.999
     eval_every: int = 250  # steps between the small in-training evaluations (0: never)
+    # 1: small-sd's layout (the shipped model); 2: SD v1-4/v1-5's, the teacher that
+    # tools/distill.py shrinks and distils (trained on the shipped text encoder and VAE).
+    layers_per_block: int = 1
+
+
+def unet_config(plan: Plan):
+    """The UNet a plan trains: the shipped architecture with the plan's layers per block."""
+    return dataclasses.replace(UNET, layers_per_block=plan.layers_per_block)
 
 
 class CLIPHeads(nn.Module):
@@ -97,7 +105,7 @@ class State:
             for table in (self.text_encoder.embeddings.token_embedding, self.text_encoder.embeddings.position_embedding):
                 table.weight.normal_(0.0, 0.02)
         self.clip = CLIPHeads(TEXT.hidden_size)
-        self.unet = UNet2DConditionModel(UNET)
+        self.unet = UNet2DConditionModel(unet_config(plan))
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=plan.vae_lr, weight_decay=0.0)
         self.clip_opt = torch.optim.AdamW(list(self.text_encoder.parameters()) + list(self.clip.parameters()),
                                           lr=plan.clip_lr, weight_decay=0.0)
@@ -111,6 +119,7 @@ class State:
         self.evals: list[dict] = []  # in-training evaluations
         self.history: list[str] = []  # plan changes made when resuming, for the model card
         self.hardware = hardware_name()
+        self.encoders_from: str | None = None  # a pipeline folder whose VAE and text encoder were taken
 
     MODULES = ("vae", "text_encoder", "clip", "unet", "vae_opt", "clip_opt", "opt", "ema_unet")
 
@@ -121,6 +130,7 @@ class State:
                                    "seconds": self.seconds,
                                    "scaling_factor": self.scaling_factor, "evals": self.evals,
                                    "hardware": self.hardware, "history": self.history,
+                                   "encoders_from": self.encoders_from,
                                    "plan": dataclasses.asdict(self.plan)})
         tmp = path.with_suffix(".tmp")
         torch.save(blob, tmp)
@@ -128,13 +138,18 @@ class State:
 
     def load(self, path: Path) -> None:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+        meta = json.loads(blob["meta"])
+        saved_layers = meta["plan"].get("layers_per_block", 1)
+        if saved_layers != self.plan.layers_per_block:
+            raise SystemExit(f"{path} holds a UNet with layers_per_block={saved_layers}, not "
+                             f"{self.plan.layers_per_block}; pass --layers-per-block {saved_layers} or another --work")
         for name in self.MODULES:
             getattr(self, name).load_state_dict(blob[name])
-        meta = json.loads(blob["meta"])
         self.vae_step, self.clip_step, self.step = meta["vae_step"], meta["clip_step"], meta["step"]
         self.seconds = meta["seconds"]
         self.scaling_factor, self.evals = meta["scaling_factor"], meta["evals"]
         self.hardware, self.history = meta["hardware"], meta.get("history", [])
+        self.encoders_from = meta.get("encoders_from")
         if meta["plan"]["seed"] != self.plan.seed:
             raise SystemExit(f"{path} was trained with seed {meta['plan']['seed']}, not {self.plan.seed}")
         where = f"vae step {self.vae_step}, clip step {self.clip_step}, unet step {self.step}"
@@ -143,6 +158,17 @@ class State:
             if new != old and key != "eval_every":
                 self.history.append(f"{key} changed from {old} to {new} at {where}")
                 print(f"note: {self.history[-1]}", file=sys.stderr)
+
+    def take_encoders(self, folder: Path) -> None:
+        """Use the VAE (with its scaling factor) and text encoder of the pipeline folder
+        `folder` instead of training them: phases 1 and 2 count as done. A teacher trained this
+        way sees exactly the latents and text states its students will."""
+        vae, text_encoder = load_vae(folder), load_text_encoder(folder)
+        self.vae.load_state_dict(vae.state_dict())
+        self.text_encoder.load_state_dict(text_encoder.state_dict())
+        self.scaling_factor = vae.scaling_factor
+        self.vae_step, self.clip_step = self.plan.vae_steps, self.plan.clip_steps
+        self.encoders_from = str(folder)
 
     def pipeline(self, tokenizer: CLIPTokenizer) -> Pipeline:
         """A minisd Pipeline of the EMA weights, as they would be exported."""

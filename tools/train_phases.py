@@ -51,7 +51,7 @@ from shapes_model import SCHEDULER, Plan, State
 
 def batch_rng(plan: Plan, phase: str, step: int) -> tuple[np.random.Generator, torch.Generator]:
     """The data and noise generators of one step: a function of (seed, phase, step) only."""
-    key = [plan.seed, {"vae": 1, "unet": 2, "scale": 3, "clip": 4}[phase], step]
+    key = [plan.seed, {"vae": 1, "unet": 2, "scale": 3, "clip": 4, "distill": 5}[phase], step]
     seed = int(np.random.SeedSequence(key).generate_state(1)[0])
     return np.random.default_rng(key), torch.Generator().manual_seed(seed)
 
@@ -232,9 +232,12 @@ def cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def diffusion_loss(state: State, tokenizer: CLIPTokenizer, alphas_cumprod: torch.Tensor, step: int):
+def noisy_batch(state, tokenizer: CLIPTokenizer, alphas_cumprod: torch.Tensor, step: int, phase: str = "unet"):
+    """Step `step`'s training batch for a UNet: (noisy latents x_t, timesteps t, text states,
+    the noise that was added). `state` has the plan, the frozen VAE and text encoder, and the
+    scaling factor (a train_shapes State, or tools/distill.py's)."""
     plan = state.plan
-    rng, gen = batch_rng(plan, "unet", step)
+    rng, gen = batch_rng(plan, phase, step)
     images, captions, _ = shapes.batch(rng, plan.batch)
     drop = rng.random(plan.batch) < plan.cfg_dropout
     captions = ["" if d else c for c, d in zip(captions, drop)]
@@ -245,9 +248,18 @@ def diffusion_loss(state: State, tokenizer: CLIPTokenizer, alphas_cumprod: torch
     noise = torch.randn(latents.shape, generator=gen)
     a = alphas_cumprod[t][:, None, None, None]
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # q(x_t | x_0)
-    predicted = state.unet(noisy, t, context)
-    per_image = F.mse_loss(predicted, noise, reduction="none").mean(dim=(1, 2, 3))
-    return (loss_weights(alphas_cumprod, plan)[t] * per_image).mean(), per_image.mean()
+    return noisy, t, context, noise
+
+
+def weighted_mse(predicted: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the per-image MSE weighted by `weights` [B] and averaged, the plain mean MSE)."""
+    per_image = F.mse_loss(predicted, target, reduction="none").mean(dim=(1, 2, 3))
+    return (weights * per_image).mean(), per_image.mean()
+
+
+def diffusion_loss(state: State, tokenizer: CLIPTokenizer, alphas_cumprod: torch.Tensor, step: int):
+    noisy, t, context, noise = noisy_batch(state, tokenizer, alphas_cumprod, step)
+    return weighted_mse(state.unet(noisy, t, context), noise, loss_weights(alphas_cumprod, state.plan)[t])
 
 
 def loss_weights(alphas_cumprod: torch.Tensor, plan: Plan) -> torch.Tensor:

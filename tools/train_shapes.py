@@ -5,6 +5,8 @@
     python tools/train_shapes.py --smoke          # a few steps of each phase, in a temporary folder
     python tools/train_shapes.py --export-only --out weights/minisd-shapes --overwrite
                                                   # to update the shipped model
+    python tools/train_shapes.py --layers-per-block 2
+                                                  # the teacher tools/distill.py distils (-> .cache/train_shapes-lpb2/)
 
 What is trained (the architecture, the Plan, the checkpointed State) is in
 tools/shapes_model.py; how, in three phases (the VAE, the text encoder as CLIP, the UNet), in
@@ -17,6 +19,11 @@ and a Plan changed on resuming is recorded for the model card. The folder goes t
 default WORK/minisd-shapes/. A folder that exists and is not empty is replaced only with
 --overwrite, and that is checked before training starts, so hours of training never end in a
 refusal.
+
+A UNet with another layout (`--layers-per-block 2`, SD v1-4/v1-5's) trains the same way on the
+same data, but on the VAE and text encoder of --encoders-from (default: the shipped
+weights/minisd-shapes), which are not trained again: so a teacher and its students see the
+same latents and text states. Its checkpoints go to .cache/train_shapes-lpb2/ unless --work.
 """
 from __future__ import annotations
 
@@ -35,7 +42,9 @@ from minisd.tokenizer import CLIPTokenizer
 from shapes_model import CLIP_VOCAB_DIR, Plan, State
 from train_phases import measure_scaling_factor, train_clip, train_unet, train_vae, vae_report
 
-WORK_DIR = Path(__file__).resolve().parents[1] / ".cache" / "train_shapes"
+ROOT = Path(__file__).resolve().parents[1]
+WORK_DIR = ROOT / ".cache" / "train_shapes"
+SHIPPED_MODEL = ROOT / "weights" / "minisd-shapes"
 SMOKE_PLAN = dict(vae_steps=3, vae_batch=4, clip_steps=3, clip_batch=8, steps=4, batch=4, warmup=2, eval_every=2)
 
 
@@ -49,6 +58,8 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true", help="a few steps of everything, in a temporary folder")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--card-eval", type=int, default=100, help="prompts the model card's evaluation uses")
+    p.add_argument("--encoders-from", type=Path, help="take the VAE and text encoder from this pipeline folder "
+                   "instead of training them (default with --layers-per-block other than 1: weights/minisd-shapes)")
     p.add_argument("--save-every", type=float, default=180, help="seconds between checkpoints (default 180)")
     for field in dataclasses.fields(Plan):
         p.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=None)
@@ -64,7 +75,12 @@ def main(argv=None) -> None:
             # atexit runs these last first: the folder goes, then the note says so.
             atexit.register(print, f"removed {args.work} (pass --work DIR to keep a smoke run)", file=sys.stderr)
             atexit.register(shutil.rmtree, args.work, ignore_errors=True)
-    args.work = args.work or WORK_DIR
+    layers = overrides.get("layers_per_block", 1)
+    if layers < 1:
+        p.error(f"--layers-per-block must be at least 1, not {layers}")
+    if layers != 1:
+        args.encoders_from = args.encoders_from or SHIPPED_MODEL
+    args.work = args.work or (WORK_DIR if layers == 1 else WORK_DIR.with_name(f"{WORK_DIR.name}-lpb{layers}"))
     args.out = args.out or args.work / "minisd-shapes"
     try:
         export_shapes.refuse_to_replace(args.out, args.overwrite)
@@ -76,8 +92,12 @@ def main(argv=None) -> None:
     state = State(plan)
     if checkpoint.exists():
         state.load(checkpoint)
+        if args.encoders_from and state.encoders_from != str(args.encoders_from):
+            p.error(f"{checkpoint} was not trained on the encoders of {args.encoders_from}; use another --work")
         print(f"resuming from {checkpoint}: vae step {state.vae_step}/{plan.vae_steps}, "
               f"unet step {state.step}/{plan.steps}", file=sys.stderr)
+    elif args.encoders_from:
+        state.take_encoders(args.encoders_from)
     tokenizer = CLIPTokenizer.from_folder(CLIP_VOCAB_DIR)
     sizes = {name: sum(p.numel() for p in getattr(state, name).parameters()) for name in ("vae", "text_encoder", "unet")}
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sizes.items()), file=sys.stderr)
