@@ -179,3 +179,22 @@ def test_missing_or_unshrinkable_teachers_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run("--teacher", SHIPPED, "--arm", "soft", "--work", tmp_path / "w")
     assert "nothing to shrink" in capsys.readouterr().err
+
+
+def test_the_report_gathers_the_arms(teacher, tmp_path, capsys):
+    import distill_report
+
+    for arm in ("scratch", "features"):
+        run("--teacher", teacher, "--arm", arm, "--steps", "2", "--smoke", "--work", tmp_path / "arms" / arm)
+    capsys.readouterr()
+    distill_report.main(["--arms", str(tmp_path / "arms"), "--teacher", str(teacher), "--card-eval", "2",
+                         "--repeats", "1"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ")]
+    assert rows == ["| model", "| shipped", "| teacher", "| scratch", "| features"]
+    assert "init shrink; features for 2 steps" in out
+    report = {name: json.loads((tmp_path / "arms" / name / "result.json").read_text()) for name in ("scratch", "features")}
+    distill_report.plot(report, tmp_path / "plot.png")
+    from PIL import Image
+    with Image.open(tmp_path / "plot.png") as image:
+        assert image.size == (820, 480)

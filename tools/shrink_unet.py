@@ -76,10 +76,9 @@ def teacher_layers(config: dict) -> int:
 
 
 def taken_layer(blocks: str, student_index: int, layers: int) -> int:
-    """Which of a teacher block's layers the student's layer `student_index` is taken from."""
-    if blocks == "down_blocks":
-        return {0: 0}[student_index]
-    return {0: 0, 1: layers}[student_index]  # up blocks: the first, and the last
+    """Which of a teacher block's layers (0..layers, up blocks having one more) the student's
+    layer `student_index` is taken from: the first, except an up block's second, the last."""
+    return layers if blocks == "up_blocks" and student_index == 1 else 0
 
 
 def student_keys(teacher_keys, layers: int) -> dict[str, str]:
