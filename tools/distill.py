@@ -106,7 +106,9 @@ class DistillPlan:
         return self.stages[-1][0]
 
     def describe(self) -> str:
-        return f"init {self.init}; " + " then ".join(f"{loss} for {n} steps" for loss, n in self.stages)
+        gram = f" (Gram weight {self.gram_weight:g})" if self.gram_weight and any(
+            loss == "features" for loss, _ in self.stages) else ""
+        return f"init {self.init}; " + " then ".join(f"{loss} for {n} steps" for loss, n in self.stages) + gram
 
 
 def parse_stages(text: str) -> tuple[tuple[str, int], ...]:
