@@ -31,7 +31,7 @@ SHIPPED = ROOT / "weights" / "minisd-shapes"
 TEACHER = ROOT / ".cache" / "train_shapes-lpb2" / "minisd-shapes"
 JSON_OUT, PLOT_OUT = ROOT / "docs" / "distillation.json", ROOT / "docs" / "figures" / "distillation.png"
 COLOURS = {"scratch": (40, 40, 40), "shrink": (31, 119, 180), "soft": (44, 160, 44), "features": (214, 39, 40),
-           "card": (148, 103, 189)}
+           "features+gram": (255, 127, 14), "card": (148, 103, 189)}
 METRICS = (*eval_shapes.JUDGED, "size")
 
 
