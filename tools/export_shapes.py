@@ -50,7 +50,7 @@ def export(state: State, out: Path, card_eval: int = 100, overwrite: bool = Fals
         write_pipeline(state, tmp)
         pipe = Pipeline.from_pretrained(tmp, safety_checker=None)
         shapes_grid.write_samples(pipe, tmp / "samples.png")
-        (tmp / "README.md").write_text(model_card(state, tmp, card_eval, pipe))
+        (tmp / "README.md").write_text(model_card(state, tmp, card_eval, pipe, shown_as=out))
         swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,9 +135,16 @@ def write_pipeline(state: State, out: Path) -> None:
                                                 "do_lower_case": True, "errors": "replace", **special})
 
 
-def model_card(state: State, out: Path, n_eval: int, pipe: Pipeline) -> str:
-    """README.md of the exported folder (loaded as `pipe`): what the model is and is not,
-    measured, not claimed."""
+def folder_name(path: Path) -> str:
+    """`path` as the card shows it: relative to the repository when inside it."""
+    root = Path(__file__).resolve().parents[1]
+    path = path.resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def model_card(state: State, out: Path, n_eval: int, pipe: Pipeline, shown_as: Path | None = None) -> str:
+    """README.md of the exported folder `out` (loaded as `pipe`; its final place `shown_as`):
+    what the model is and is not, measured, not claimed."""
     plan = state.plan
     accuracy, _ = eval_shapes.evaluate_model(pipe, n=n_eval, steps=25, seed=1234)
     # Fewer steps: the default guidance overshoots colours there; a lower one does not.
@@ -200,7 +207,7 @@ sometimes wrong (see the evaluation). It ships without a safety checker
 
 ## Evaluation
 
-`python tools/eval_shapes.py --model weights/minisd-shapes --n {n_eval} --steps 25 --seed 1234`:
+`python tools/eval_shapes.py --model {folder_name(shown_as or out)} --n {n_eval} --steps 25 --seed 1234`:
 {n_eval} prompts drawn from the grammar, fresh noise seeds, 25 DPM-Solver++ steps, guidance
 7.5, each image judged by plain pixel analysis (nearest named colour, template overlap,
 bounding-box position; see that file):
