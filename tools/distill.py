@@ -49,7 +49,9 @@ import shrink_unet
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from shapes_model import save_checkpoint
 from train_phases import (
+    Saver,
     cosine,
     loss_weights,
     noisy_batch,
@@ -159,9 +161,7 @@ class DistillState:
         blob = {"unet": self.unet.state_dict(), "ema_unet": self.ema_unet.state_dict(), "opt": self.opt.state_dict(),
                 "meta": json.dumps({"step": self.step, "seconds": self.seconds, "evals": self.evals,
                                     "history": self.history, "plan": plan_json(self.plan)})}
-        tmp = path.with_suffix(".tmp")
-        torch.save(blob, tmp)
-        tmp.replace(path)  # never a half-written checkpoint
+        save_checkpoint(blob, path)
 
     def load(self, path: Path) -> None:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -255,7 +255,7 @@ def train(state: DistillState, checkpoint: Path, save_every: float) -> None:
     plan, tokenizer = state.plan, state.teacher_pipe.tokenizer
     alphas_cumprod = sd_alphas_cumprod()
     bar = progress_bar("student", state.step, plan.steps)
-    last_save, smooth = time.perf_counter(), {}
+    save, smooth = Saver(state, checkpoint, save_every), {}
     if state.step == 0 and plan.eval_every and not state.evals:
         state.evals.append(evaluate(state))  # where each init starts
         print(f"\neval at step 0: {state.evals[-1]}", file=sys.stderr, flush=True)
@@ -274,9 +274,7 @@ def train(state: DistillState, checkpoint: Path, save_every: float) -> None:
         if plan.eval_every and (state.step % plan.eval_every == 0 or state.step == plan.steps):
             state.evals.append(evaluate(state))
             print(f"\neval at step {state.step}: {state.evals[-1]}", file=sys.stderr, flush=True)
-        if state.step == plan.steps or time.perf_counter() - last_save > save_every:
-            state.save(checkpoint)
-            last_save = time.perf_counter()
+        save(now=state.step == plan.steps)
     bar.close()
 
 

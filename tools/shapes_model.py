@@ -124,7 +124,6 @@ class State:
     MODULES = ("vae", "text_encoder", "clip", "unet", "vae_opt", "clip_opt", "opt", "ema_unet")
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         blob = {name: getattr(self, name).state_dict() for name in self.MODULES}
         blob["meta"] = json.dumps({"vae_step": self.vae_step, "clip_step": self.clip_step, "step": self.step,
                                    "seconds": self.seconds,
@@ -132,9 +131,7 @@ class State:
                                    "hardware": self.hardware, "history": self.history,
                                    "encoders_from": self.encoders_from,
                                    "plan": dataclasses.asdict(self.plan)})
-        tmp = path.with_suffix(".tmp")
-        torch.save(blob, tmp)
-        tmp.replace(path)  # never a half-written checkpoint
+        save_checkpoint(blob, path)
 
     def load(self, path: Path) -> None:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -168,7 +165,7 @@ class State:
         self.text_encoder.load_state_dict(text_encoder.state_dict())
         self.scaling_factor = vae.scaling_factor
         self.vae_step, self.clip_step = self.plan.vae_steps, self.plan.clip_steps
-        self.encoders_from = str(folder)
+        self.encoders_from = str(Path(folder).resolve())  # resolved: a resume may name it otherwise
 
     def pipeline(self, tokenizer: CLIPTokenizer) -> Pipeline:
         """A minisd Pipeline of the EMA weights, as they would be exported."""
@@ -176,6 +173,14 @@ class State:
         vae.scaling_factor = self.scaling_factor
         return Pipeline(tokenizer, self.text_encoder.eval(), self.ema_unet.eval(), vae,
                         DPMSolverMultistep(SCHEDULER), safety_checker=None, name="minisd-shapes")
+
+
+def save_checkpoint(blob: dict, path: Path) -> None:
+    """torch.save `blob` to `path` through a temporary file: never a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(path)
 
 
 def hardware_name() -> str:
