@@ -159,6 +159,14 @@ def evaluate_model(model, n: int = 100, steps: int = 25, seed: int = 1234, guida
     return accuracy, [(text, truth, v) for (text, truth), v in zip(cases, verdicts)]
 
 
+def model_name(folder: Path) -> str:
+    """A model folder as reports and model cards name it: relative to the repository when inside
+    it, so that what is committed does not name this machine's paths."""
+    root = Path(__file__).resolve().parents[1]
+    folder = Path(folder).resolve()
+    return str(folder.relative_to(root)) if folder.is_relative_to(root) else str(folder)
+
+
 def read_images(folder: Path) -> tuple[list[np.ndarray], list[dict], list[str]]:
     """PNGs with a `parameters` chunk (as `minisd generate` writes): images, truths, prompts."""
     images, truths, texts = [], [], []

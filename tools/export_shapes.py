@@ -135,13 +135,6 @@ def write_pipeline(state: State, out: Path) -> None:
                                                 "do_lower_case": True, "errors": "replace", **special})
 
 
-def folder_name(path: Path) -> str:
-    """`path` as the card shows it: relative to the repository when inside it."""
-    root = Path(__file__).resolve().parents[1]
-    path = path.resolve()
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-
-
 def model_card(state: State, out: Path, n_eval: int, pipe: Pipeline, shown_as: Path | None = None) -> str:
     """README.md of the exported folder `out` (loaded as `pipe`; its final place `shown_as`):
     what the model is and is not, measured, not claimed."""
@@ -162,7 +155,7 @@ def model_card(state: State, out: Path, n_eval: int, pipe: Pipeline, shown_as: P
     unet_config_ = unet_config(plan)
     layout = "small-sd's layout" if unet_config_.layers_per_block == 1 else "SD v1-4/v1-5's layout"
     if state.encoders_from:
-        encoders = (f"* VAE and text encoder: taken from `{state.encoders_from}` as they are (not trained "
+        encoders = (f"* VAE and text encoder: taken from `{eval_shapes.model_name(state.encoders_from)}` as they are (not trained "
                     "again), so that this UNet\n  sees the same latents and text states as that model's.")
     else:
         encoders = (f"""* VAE: {plan.vae_steps} steps of batch {plan.vae_batch} ({plan.vae_steps * plan.vae_batch:,} images), AdamW lr {plan.vae_lr:g} with cosine
@@ -207,7 +200,7 @@ sometimes wrong (see the evaluation). It ships without a safety checker
 
 ## Evaluation
 
-`python tools/eval_shapes.py --model {folder_name(shown_as or out)} --n {n_eval} --steps 25 --seed 1234`:
+`python tools/eval_shapes.py --model {eval_shapes.model_name(shown_as or out)} --n {n_eval} --steps 25 --seed 1234`:
 {n_eval} prompts drawn from the grammar, fresh noise seeds, 25 DPM-Solver++ steps, guidance
 7.5, each image judged by plain pixel analysis (nearest named colour, template overlap,
 bounding-box position; see that file):

@@ -91,7 +91,7 @@ def shapes_part(args, previous: dict | None) -> list[dict]:
     texts, truths = [t for t, _ in cases], [t for _, t in cases]
     seeds = [10**6 + args.prompt_seed * 1000 + i for i in range(args.n)]  # eval_shapes.evaluate_model's
     runs = [("plain", s) for s in PLAIN_STEPS] + [(name, s) for name in (*SETTINGS, *ABLATIONS) for s in SKIP_STEPS]
-    same_run = previous and all(previous.get(k) == v for k, v in (("model", str(args.model)), ("n", args.n),
+    same_run = previous and all(previous.get(k) == v for k, v in (("model", eval_shapes.model_name(args.model)), ("n", args.n),
                                                                    ("dtype", args.dtype), ("prompt_seed", args.prompt_seed)))
     known = {(p["setting"], p["steps"]): p for p in previous["points"]} if same_run else {}
 
@@ -296,7 +296,10 @@ def main(argv=None) -> int:
     results = json.loads(args.json.read_text()) if args.json.exists() else {}
     results["command"] = "python tools/frontier.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.part in ("both", "shapes"):
-        results["shapes"] = {"points": shapes_part(args, results.get("shapes")), "model": str(args.model),
+        import eval_shapes
+
+        results["shapes"] = {"points": shapes_part(args, results.get("shapes")),
+                             "model": eval_shapes.model_name(args.model),
                              "n": args.n, "dtype": args.dtype, "prompt_seed": args.prompt_seed, "threads": args.threads,
                              "time": f"median of {args.time_rounds} alternated rounds of {args.time_images} images"}
         from frontier_plot import plot_frontier

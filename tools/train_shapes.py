@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     state = State(plan)
     if checkpoint.exists():
         state.load(checkpoint)
-        if args.encoders_from and state.encoders_from != str(args.encoders_from):
+        if args.encoders_from and state.encoders_from != str(args.encoders_from.resolve()):
             p.error(f"{checkpoint} was not trained on the encoders of {args.encoders_from}; use another --work")
         print(f"resuming from {checkpoint}: vae step {state.vae_step}/{plan.vae_steps}, "
               f"unet step {state.step}/{plan.steps}", file=sys.stderr)
