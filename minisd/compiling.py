@@ -27,22 +27,28 @@ compiled graph from C++ and builds it as one C++ file: an int8 UNet of the tiny 
 compiled in 102 s instead of 168 s (99 kernels compiled one by one). What it measured is in
 README.md, Speed.
 
-Compile once per process: Inductor's on-disk FX graph cache refuses a frozen graph whose
-weights were prepacked into oneDNN tensors ("mkldnn tensors unpickleable"), so a second
-process compiles again; only the C++ code cache (`TORCHINDUCTOR_CACHE_DIR`, by default
-/tmp/torchinductor_$USER) saves a little (README, Speed; docs/cpu-floor.md has what is left to
-try). The frozen weights live in the compiled graph: change the model's weights after its
-first compiled call and the compiled code will not see it (compile again: `Pipeline.compile`).
+Compile once, not once per process: Inductor's on-disk FX graph cache refuses a frozen graph
+whose weights were prepacked into oneDNN tensors ("mkldnn tensors unpickleable"). So on the
+CPU the UNet is compiled ahead of time instead (AOTInductor, the same Inductor code and
+settings) into a package kept on disk per model and size, which later processes load in
+seconds (compile_cache.py); calls it cannot serve (autograd on, other arguments) and the step
+skipping UNets compile in process. The frozen weights live in the compiled code: change the
+model's weights after its first compiled call and the compiled code will not see it (compile
+again: `Pipeline.compile`; the package cache keys on the weights, so it compiles anew).
 
 On CUDA, mode "reduce-overhead" (CUDA graphs); freezing is a CPU lever here. No GPU has
 measured this path yet.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from .compile_cache import CachedUNetCall, PackageCache, cache_folder
 from .fast import uncache_cross_kv
+from .unet import UNet2DConditionModel
 
 
 def inductor_settings(device: torch.device) -> dict:
@@ -54,18 +60,28 @@ def default_mode(device: torch.device) -> str:
     return "reduce-overhead" if device.type == "cuda" else "default"
 
 
-def compile_module(module: nn.Module, device: torch.device, mode: str | None = None) -> None:
+def compile_module(module: nn.Module, device: torch.device, mode: str | None = None,
+                   cache: str | Path | bool | None = None) -> None:
     """torch.compile `module` in place (its state dict, attributes and hooks stay as they
     are), static shapes and one graph for the whole forward, compiled under
-    `inductor_settings(device)`."""
+    `inductor_settings(device)`. A UNet on the CPU in the default mode is compiled ahead of time
+    into the package cache instead (compile_cache.py; `cache`: its folder, False for none,
+    None for the default one)."""
     settings = inductor_settings(device)
+    mode = mode or default_mode(device)
     if settings.get("freezing"):
         uncache_cross_kv(module)  # its cached K/V would be frozen into the graph (fast.py says more)
-    module.compile(mode=mode or default_mode(device), fullgraph=True, dynamic=False)
+    module.compile(mode=mode, fullgraph=True, dynamic=False)
     if settings:
         # nn.Module.compile keeps the compiled call in `_compiled_call_impl`, which __call__
         # uses; compilation itself happens inside that call, so the settings go around it.
         module._compiled_call_impl = WithInductorSettings(module._compiled_call_impl, settings)
+    folder = cache_folder(cache)
+    if device.type == "cpu" and mode == "default" and folder is not None and isinstance(module, UNet2DConditionModel):
+        # AOTInductor always generates a C++ wrapper: only freezing is passed on.
+        ahead_of_time = {key: value for key, value in settings.items() if key != "cpp_wrapper"}
+        module._compiled_call_impl = CachedUNetCall(module, module._compiled_call_impl, ahead_of_time,
+                                                    PackageCache(folder))
 
 
 class WithInductorSettings:

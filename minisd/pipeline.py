@@ -71,7 +71,7 @@ class Pipeline:
                         torch_dtype: torch.dtype | None = None, cache_dir: str | Path | None = None,
                         revision: str | None = None, local_files_only: bool | None = None,
                         quantize: str | None = None, calibration_prompts: list[str] | None = None,
-                        **components) -> "Pipeline":
+                        compile_cache: str | Path | bool | None = None, **components) -> "Pipeline":
         """Load every component of a diffusers pipeline folder, or of a hub id such as
         "OFA-Sys/small-stable-diffusion-v0" in the local Hugging Face cache (folders.py; never
         downloaded, so `local_files_only` is always true). `torch_dtype` is diffusers' name for
@@ -79,7 +79,9 @@ class Pipeline:
         `unet=my_unet`) replaces the folder's. `levers`: the speed levers of fast.py applied to
         the UNet and VAE, those passed in too (changed in place); `SpeedLevers.none()` runs the
         models as written. `compile=True` (or a torch.compile mode) compiles the UNet (and off
-        the CPU the VAE decoder; compiling.py). `quantize="int8"`: static int8 for the UNet on x86 CPUs, calibrated
+        the CPU the VAE decoder; compiling.py); on the CPU the compiled UNet is kept on disk per
+        model and size, so later processes load it instead of compiling (compile_cache.py;
+        `compile_cache`: the folder, False for none). `quantize="int8"`: static int8 for the UNet on x86 CPUs, calibrated
         on `calibration_prompts` or fixed ones (int8.py; needs the `int8` extra). One generation
         at a time per Pipeline."""
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
@@ -113,7 +115,7 @@ class Pipeline:
         if quantize is not None:
             pipe.quantize(quantize, calibration_prompts)
         if compile:
-            pipe.compile(None if compile is True else compile)
+            pipe.compile(None if compile is True else compile, cache=compile_cache)
         return pipe
 
     def to(self, *args, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
@@ -150,12 +152,14 @@ class Pipeline:
         for name, last in self.levers.layouts(device, dtype).items():
             getattr(self, name).to(memory_format=torch.channels_last if last else torch.contiguous_format)
 
-    def compile(self, mode: str | None = None) -> None:
+    def compile(self, mode: str | None = None, cache: str | Path | bool | None = None) -> None:
         """torch.compile the UNet (unless int8, which compiles itself) and, off the CPU, the VAE
         decoder in place, with compiling.py's settings. Each new size compiles on its first
-        image. `mode=None`: "reduce-overhead" (CUDA graphs) on CUDA, else the default."""
+        image, on the CPU once per model and size in the package cache (`cache`: its folder,
+        False for none; compile_cache.py). `mode=None`: "reduce-overhead" (CUDA graphs) on
+        CUDA, else the default."""
         if not isinstance(self.unet, Int8UNet):
-            compile_module(self.unet, self.device, mode)
+            compile_module(self.unet, self.device, mode, cache)
         if self.device.type != "cpu":  # on the CPU it measured no faster (compiling.py)
             compile_module(self.vae.decoder, self.device, mode)
 

@@ -8,6 +8,7 @@
 Building needs diffusers + transformers (test dependencies); minisd itself never imports them.
 """
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,15 @@ import make_tiny_checkpoint  # tools/ is on sys.path: setup.cfg's [tool:pytest] 
 torch.set_num_threads(1)
 
 FORMATS = make_tiny_checkpoint.FORMATS  # ("current", "legacy")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory) -> Path:
+    """Compiled UNets (compile=True on the CPU, minisd/compile_cache.py) go to a folder of the
+    session's, never to the user's ~/.cache; subprocesses inherit it."""
+    folder = tmp_path_factory.mktemp("compile_cache")
+    os.environ["MINISD_COMPILE_CACHE"] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

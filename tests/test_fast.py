@@ -138,10 +138,13 @@ def test_layout_follows_device_and_dtype_unless_asked(tiny_current):
         assert module.weight.is_contiguous()
 
 
-def test_compiled_pipeline_matches_and_never_recompiles(tiny_current):
+@pytest.mark.parametrize("cache", [False, None], ids=["in-process", "packaged"])
+def test_compiled_pipeline_matches_and_never_recompiles(tiny_current, cache):
+    """Both CPU paths: torch.compile in the process (no package cache), and the UNet compiled
+    ahead of time into the package cache (compile_cache.py; tests/test_compile_cache.py)."""
     torch._dynamo.reset()
     eager = Pipeline.from_pretrained(tiny_current, safety_checker=None)
-    compiled = Pipeline.from_pretrained(tiny_current, safety_checker=None, compile=True)
+    compiled = Pipeline.from_pretrained(tiny_current, safety_checker=None, compile=True, compile_cache=cache)
     run = dict(num_inference_steps=3, output_type="np", height=64, width=64)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for prompt, seed in (("a red cube", 0), ("another prompt, same size", 1)):

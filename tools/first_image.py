@@ -1,13 +1,14 @@
 """What compiling costs a user: load + first image, then a second image, in two fresh processes
-one after the other with the same on-disk compile cache (the first process starts it empty).
+one after the other with the same on-disk compile caches (the first process starts them empty):
+minisd's package cache of compiled UNets (minisd/compile_cache.py) and Inductor's own.
 
     python tools/first_image.py --compile                    # small-sd's shapes, bf16, 256x256
     python tools/first_image.py --compile --int8
     python tools/first_image.py --tiny --size 64 --steps 2   # a smoke test of the tool
 
-The first process pays the whole compile (and, for --int8, the calibration); the second finds
-Inductor's compiled code in the cache (compiling.py) and pays tracing only, plus calibration
-for --int8. The model is tools/bench_model.py's random small-sd folder (or the tiny one).
+The first process pays the whole compile (and, for --int8, the calibration); with --compile
+the second loads the compiled UNet from the package cache; with --int8 it finds only
+Inductor's C++ code in its cache and pays the calibration and tracing again. The model is tools/bench_model.py's random small-sd folder (or the tiny one).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
     add_model_options(p)
-    p.add_argument("--compile-cache", type=Path, help="an Inductor cache folder to use (default: a new, empty one)")
+    p.add_argument("--compile-cache", type=Path, help="a folder for both caches (default: a new, empty one)")
     p.add_argument("--processes", type=int, default=2, help="fresh processes, one after the other (default 2)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -59,13 +60,13 @@ def main(argv=None) -> int:
         return 0
 
     folder = model_folder(args.cache_dir, args.tiny, args.seed)
-    cache = args.compile_cache or tempfile.mkdtemp(prefix="first-image-inductor-")
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache))
+    cache = Path(args.compile_cache or tempfile.mkdtemp(prefix="first-image-cache-"))
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), MINISD_COMPILE_CACHE=str(cache / "minisd"))
     flags = [f for f, on in (("--compile", args.compile), ("--int8", args.int8)) if on]
     command = [sys.executable, __file__, "--child", str(folder), "--dtype", args.dtype, "--size", str(args.size),
                "--steps", str(args.steps), *flags]
     print(f"{' '.join(flags) or 'eager'}, {args.dtype}, {args.size}x{args.size}, {args.steps} steps; "
-          f"compile cache {env['TORCHINDUCTOR_CACHE_DIR']}")
+          f"compile caches in {cache}")
     names = ["given cache" if args.compile_cache else "cold cache"] + ["warm cache"] * (args.processes - 1)
     for name in names:
         out = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -73,8 +74,9 @@ def main(argv=None) -> int:
             print(out.stderr[-3000:], file=sys.stderr)
             return 1
         t = json.loads(out.stdout.strip().splitlines()[-1])
+        packaged = sum(f.stat().st_size for f in (cache / "minisd").glob("*.pt2"))
         print(f"{name}: load {t['load_s']:.1f} s, first image {t['first_image_s']:.1f} s, "
-              f"second image {t['second_image_s']:.1f} s")
+              f"second image {t['second_image_s']:.1f} s; packages {packaged / 1e9:.2f} GB")
     return 0
 
 

@@ -1,0 +1,203 @@
+"""Compiled UNets kept on disk, so that a model is compiled once per size, not once per process.
+
+On the CPU, `compile=True` compiles the UNet with Inductor's freezing (compiling.py), about a
+minute and a half for small-sd at 256x256 on two cores. Inductor's own on-disk graph cache
+cannot keep such a graph: its frozen weights are prepacked oneDNN tensors, which it refuses to
+pickle, so every new process used to compile again. Here the UNet is instead exported
+(torch.export) and compiled ahead of time by AOTInductor into a package, one `.pt2` file per
+model, input shapes and settings, holding the generated C++ code built as a shared library and
+the frozen, prepacked weights (https://pytorch.org/docs/stable/torch.compiler_aot_inductor.html).
+A later process with the same model and size loads the package in seconds. The code it runs is
+the code the in-process compile makes (same Inductor, same settings, same kernels).
+
+    ~/.cache/minisd/compiled/unet-<key>.pt2         ($XDG_CACHE_HOME, or MINISD_COMPILE_CACHE)
+
+The key is a hash of everything the compiled code depends on: the UNet's weights (their bytes:
+a fine-tune or a merged LoRA is another model), its layers, the input shapes and dtypes,
+Inductor's settings, the CPU's instruction set, and the versions of torch and of minisd's
+source. A package that fails to load (a truncated copy, another torch) is compiled again and
+replaced. A package is as large as the UNet's weights (1.1 GB for small-sd in bfloat16): delete
+the folder to free the space; `MINISD_COMPILE_CACHE=off` (or `compile_cache=False`) compiles
+in memory in each process as before. The folder holds native code that minisd loads and runs:
+keep it where only you can write, as Inductor's own cache in /tmp/torchinductor_$USER.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+log = logging.getLogger("minisd")
+
+FORMAT = 1  # bump when what goes into a package changes in a way the key does not see
+OFF = ("", "0", "off", "false", "no", "none")
+
+
+def cache_folder(setting: str | Path | bool | None = None) -> Path | None:
+    """Where compiled packages live: `setting` when a path, None when caching is off (False or
+    MINISD_COMPILE_CACHE=off), else $MINISD_COMPILE_CACHE or $XDG_CACHE_HOME/minisd/compiled
+    (~/.cache/minisd/compiled)."""
+    if setting is False:
+        return None
+    if setting not in (None, True):
+        return Path(setting).expanduser()
+    env = os.environ.get("MINISD_COMPILE_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in OFF else Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "minisd" / "compiled"
+
+
+def _source_digest() -> str:
+    """A hash of minisd's own source files: a change to the models' code changes the key."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def fingerprint(module: nn.Module, inputs: tuple[torch.Tensor, ...], settings: dict, extra: str = "") -> str:
+    """The cache key of `module` compiled for `inputs` under `settings` (the module docstring
+    lists what goes in). Reads every weight once: under a second per GB."""
+    digest = hashlib.sha256()  # hardware-assisted: 0.6 s per GB here, blake2b 1.5 s
+    head = [f"format {FORMAT}", torch.__version__, _source_digest(), torch.backends.cpu.get_cpu_capability(),
+            repr(sorted(settings.items())), extra]
+    head += [f"{tuple(x.shape)} {x.dtype} {x.stride()}" for x in inputs]
+    head += [f"{name} {type(layer).__module__}.{type(layer).__qualname__} {layer.extra_repr()}"
+             for name, layer in module.named_modules()]
+    digest.update("\n".join(head).encode())
+    for name, tensor in module.state_dict(keep_vars=False).items():
+        digest.update(f"\n{name} {tensor.dtype} {tuple(tensor.shape)} {tensor.stride()}".encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+class PackageCache:
+    """Compiled packages in one folder: `load_or_build(name, key, export, settings)`."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def path(self, name: str, key: str) -> Path:
+        return self.folder / f"{name}-{key}.pt2"
+
+    def load_or_build(self, name: str, key: str, export: Callable[[], torch.export.ExportedProgram],
+                      settings: dict) -> Callable:
+        """The compiled callable for `key`: loaded from the folder, or built from `export()` with
+        AOTInductor under Inductor `settings`, written to the folder (whole or not at all), then
+        loaded."""
+        path = self.path(name, key)
+        if path.exists():
+            start = time.perf_counter()
+            try:
+                compiled = torch._inductor.aoti_load_package(str(path))
+            except Exception as e:  # noqa: BLE001 - any failure to load means: compile again
+                warnings.warn(f"compiled {name} in {path} could not be loaded ({type(e).__name__}: "
+                              f"{str(e)[:200]}); compiling it again", stacklevel=3)
+            else:
+                log.info("loaded the compiled %s from %s in %.1f s", name, path, time.perf_counter() - start)
+                return compiled
+        start = time.perf_counter()
+        log.info("compiling the %s (once for this model and size; kept in %s)", name, path)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.pt2", dir=self.folder)  # .pt2: AOTI asks
+        os.close(handle)
+        try:
+            with torch.no_grad():
+                program = export()
+                torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=settings)
+            os.replace(tmp, path)  # a process compiling the same key at once writes an equal package
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        log.info("compiled the %s in %.0f s (%.2f GB on disk)", name, time.perf_counter() - start,
+                 path.stat().st_size / 1e9)
+        return torch._inductor.aoti_load_package(str(path))
+
+
+class CachedUNetCall:
+    """Stands in for a UNet's compiled call (`nn.Module._compiled_call_impl`, see compiling.py):
+    for each new input shape, the UNet compiled ahead of time from the package cache; any other
+    call (autograd on, other arguments) goes to `fallback`, the in-process torch.compile."""
+
+    def __init__(self, unet: nn.Module, fallback: Callable, settings: dict, cache: PackageCache):
+        self.unet, self.fallback, self.settings, self.cache = unet, fallback, settings, cache
+        self.compiled: dict[tuple, Callable] = {}  # input shapes and dtypes -> loaded package
+
+    def __call__(self, *args, **kwargs):
+        inputs = self.plain_inputs(args, kwargs)
+        if inputs is None or torch.is_grad_enabled():
+            return self.fallback(*args, **kwargs)
+        signature = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        compiled = self.compiled.get(signature)
+        if compiled is None:
+            compiled = self.compiled[signature] = self.load_or_build(inputs)
+        return compiled(*inputs)
+
+    def plain_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
+        """(sample, timestep, context) as the package takes them: the sample in the layout of
+        the UNet's convolutions, the timestep a float32 tensor (a step's int, or one per
+        sample), everything contiguous on the CPU; None for a call of another form."""
+        names = ("sample", "timestep", "encoder_hidden_states")
+        if len(args) > 3 or set(kwargs) - set(names[len(args):]):
+            return None
+        given = dict(zip(names, args), **kwargs)
+        if set(given) != set(names):
+            return None
+        sample, timestep, context = (given[name] for name in names)
+        if not (isinstance(sample, torch.Tensor) and isinstance(context, torch.Tensor)) or \
+                sample.device.type != "cpu" or context.device.type != "cpu":
+            return None
+        if isinstance(timestep, torch.Tensor) and timestep.dim() > 1:
+            return None
+        layout = torch.channels_last if self.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) \
+            and not self.unet.conv_in.weight.is_contiguous() else torch.contiguous_format
+        timestep = torch.as_tensor(timestep, device="cpu").to(torch.float32).contiguous()
+        return sample.contiguous(memory_format=layout), timestep, context.contiguous()
+
+    def load_or_build(self, inputs: tuple[torch.Tensor, ...]) -> Callable:
+        key = fingerprint(self.unet, inputs, self.settings)
+
+        def export() -> torch.export.ExportedProgram:
+            # Export traces forward itself: the module's compiled call (this object) is set
+            # aside meanwhile, so that tracing does not come back here.
+            held, self.unet._compiled_call_impl = self.unet._compiled_call_impl, None
+            try:
+                return torch.export.export(self.unet, inputs, strict=False)
+            finally:
+                self.unet._compiled_call_impl = held
+
+        with own_storages(self.unet):
+            return self.cache.load_or_build("unet", key, export, self.settings)
+
+
+@contextmanager
+def own_storages(module: nn.Module) -> Iterator[None]:
+    """Within the block, every tensor `module` holds that is a view into a larger storage (a
+    weight in the memory-mapped checkpoint file, the fused q/k/v matrix of fast.py) is a copy
+    of its own. AOTInductor writes each constant as its whole storage: a float32 UNet read from
+    a memory-mapped file would be packaged once per weight (a 6 MB test model made 1.1 GB)."""
+    swapped = []
+    try:
+        for layer in module.modules():
+            for table in (layer._parameters, layer._buffers, layer.__dict__):
+                for name, value in list(table.items()):
+                    if isinstance(value, torch.Tensor) and \
+                            value.untyped_storage().nbytes() > value.numel() * value.element_size():
+                        copy = value.detach().clone()  # keeps a dense layout (channels-last stays so)
+                        table[name] = nn.Parameter(copy, value.requires_grad) if isinstance(value, nn.Parameter) else copy
+                        swapped.append((table, name, value))
+        yield
+    finally:
+        for table, name, value in reversed(swapped):
+            table[name] = value

@@ -1,0 +1,148 @@
+"""The package cache of compiled UNets (minisd/compile_cache.py): compile=True on the CPU
+compiles a model once per size, and a later process loads that instead of compiling.
+
+Every test here builds at most one package of the tiny model (about 30 s on one core) and
+shares it through `packaged`; the other process checks that it loads without compiling by
+making any compile fail there."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from minisd.compile_cache import PackageCache, cache_folder, fingerprint, own_storages
+from minisd.pipeline import Pipeline
+
+RUN = dict(num_inference_steps=3, output_type="np", height=64, width=64)
+TOL = 1e-3  # images in [0, 1]: Inductor's fused kernels reorder float32 sums (test_fast's COMPILED_TOL * 10)
+
+
+def generate(pipe, prompt="a red cube", seed=0):
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **RUN).images
+
+
+@pytest.fixture(scope="module")
+def packaged(tiny_current, tmp_path_factory):
+    """(folder of the package cache, images of the process that compiled it, eager images)."""
+    folder = tmp_path_factory.mktemp("packages")
+    pipe = Pipeline.from_pretrained(tiny_current, safety_checker=None, compile=True, compile_cache=folder)
+    eager = Pipeline.from_pretrained(tiny_current, safety_checker=None)
+    return folder, generate(pipe), generate(eager)
+
+
+def packages(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.pt2"))
+
+
+def test_one_package_matches_eager_and_holds_the_weights_once(packaged, tiny_current):
+    folder, compiled, eager = packaged
+    assert np.abs(compiled - eager).max() <= TOL
+    [package] = packages(folder)
+    weights = sum(f.stat().st_size for f in (tiny_current / "unet").glob("*.safetensors"))
+    # float32 weights in a memory-mapped file: packaged as a whole file per weight, this was 190x
+    assert package.stat().st_size < 3 * weights + 8e6, (package.stat().st_size, weights)
+
+
+def test_another_process_loads_the_package_without_compiling(packaged, tiny_current, tmp_path):
+    folder, compiled, _ = packaged
+    script = textwrap.dedent(f"""
+        import logging, sys
+        import numpy as np, torch
+        import torch._inductor
+        def refuse(*args, **kwargs):
+            raise SystemExit("compiled again instead of loading the package")
+        torch._inductor.aoti_compile_and_package = refuse
+        torch._dynamo.config.error_on_recompile = True
+        torch.set_num_threads({torch.get_num_threads()})  # as here: the eager parts' sums alike
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        from minisd.pipeline import Pipeline
+        pipe = Pipeline.from_pretrained({str(tiny_current)!r}, safety_checker=None, compile=True,
+                                        compile_cache={str(folder)!r})
+        images = [pipe(prompt, generator=torch.Generator().manual_seed(seed), **{RUN!r}).images
+                  for prompt, seed in (("a red cube", 0), ("a blue ball, another prompt", 1))]
+        np.save({str(tmp_path / "images.npy")!r}, images[0])
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loaded the compiled unet from" in done.stderr
+    assert np.array_equal(np.load(tmp_path / "images.npy"), compiled)  # the very same code and weights
+    assert len(packages(folder)) == 1  # a second prompt and seed of the same size: the same package
+
+
+def test_a_corrupt_package_is_compiled_again_and_replaced(packaged, tiny_current, tmp_path, monkeypatch):
+    folder, compiled, _ = packaged
+    broken = tmp_path / "cache"
+    broken.mkdir()
+    [package] = packages(folder)
+    (broken / package.name).write_bytes(package.read_bytes()[: package.stat().st_size // 2])  # a cut copy
+    pipe = Pipeline.from_pretrained(tiny_current, safety_checker=None, compile=True, compile_cache=broken)
+    with pytest.warns(UserWarning, match=f"{package.name}.*could not be loaded.*compiling it again"):
+        images = generate(pipe)
+    assert np.abs(images - compiled).max() <= TOL
+    assert [p.name for p in packages(broken)] == [package.name]
+    assert not [p for p in broken.iterdir() if p.suffix != ".pt2" or p.name.startswith(".")]  # no temporary file
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", None)  # the replacement loads: no compile
+    again = Pipeline.from_pretrained(tiny_current, safety_checker=None, compile=True, compile_cache=broken)
+    assert np.array_equal(generate(again), images)
+
+
+def test_no_package_without_a_cache_or_with_autograd(tiny_current, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINISD_COMPILE_CACHE", "off")
+    assert cache_folder(None) is None and cache_folder(False) is None
+    assert cache_folder(tmp_path) == tmp_path
+    monkeypatch.setenv("MINISD_COMPILE_CACHE", str(tmp_path / "env"))
+    assert cache_folder(None) == tmp_path / "env"
+    assert cache_folder(False) is None
+    monkeypatch.delenv("MINISD_COMPILE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_folder(None) == tmp_path / "xdg" / "minisd" / "compiled"
+
+
+def test_the_key_follows_weights_layers_shapes_and_settings():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.GroupNorm(2, 8))
+    x = (torch.randn(1, 4, 8, 8),)
+    key = fingerprint(model, x, {"freezing": True})
+    twin = nn.Sequential(nn.Conv2d(4, 8, 3), nn.GroupNorm(2, 8))
+    twin.load_state_dict(model.state_dict())
+    assert fingerprint(twin, x, {"freezing": True}) == key
+    assert fingerprint(model, (torch.randn(2, 4, 8, 8),), {"freezing": True}) != key
+    assert fingerprint(model, (x[0].double(),), {"freezing": True}) != key
+    assert fingerprint(model, x, {"freezing": False}) != key
+    with torch.no_grad():
+        twin[0].weight[0, 0, 0, 0] += 1e-6  # one number of one weight
+    assert fingerprint(twin, x, {"freezing": True}) != key
+    other = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.GroupNorm(2, 8))
+    other.load_state_dict(model.state_dict())
+    assert fingerprint(other, x, {"freezing": True}) != key  # same weights, another layer
+
+
+def test_own_storages_copies_views_for_the_block_only():
+    base = torch.randn(3, 256)
+    layer = nn.Linear(16, 16, bias=False)
+    layer.weight = nn.Parameter(base[0].view(16, 16))  # a view into a larger storage
+    layer.extra = base[1, :16]  # a tensor attribute, also a view
+    before = (layer.weight, layer.extra)
+    with own_storages(layer):
+        assert layer.weight.untyped_storage().nbytes() == 16 * 16 * 4
+        assert isinstance(layer.weight, nn.Parameter)
+        assert torch.equal(layer.weight, before[0]) and torch.equal(layer.extra, before[1])
+        assert layer.extra.untyped_storage().nbytes() == 16 * 4
+    assert layer.weight is before[0] and layer.extra is before[1]
+
+
+def test_a_failed_compile_leaves_no_file(tmp_path):
+    cache = PackageCache(tmp_path)
+
+    def export():
+        raise RuntimeError("export failed")
+
+    with pytest.raises(RuntimeError, match="export failed"):
+        cache.load_or_build("unet", "k", export, {})
+    assert list(tmp_path.iterdir()) == []
