@@ -11,10 +11,9 @@ import json
 import os
 from pathlib import Path
 
+import make_tiny_checkpoint  # tools/ is on sys.path: setup.cfg's [tool:pytest] pythonpath
 import pytest
 import torch
-
-import make_tiny_checkpoint  # tools/ is on sys.path: setup.cfg's [tool:pytest] pythonpath
 
 # The fixtures' models are tiny: a second thread costs more in synchronisation than it saves,
 # and on a busy machine a thread that waits for a preempted partner slows every op badly.
