@@ -68,7 +68,9 @@ def build_parser() -> ArgumentParser:
                             "(AVX512-BF16, AMX), else float32")
     model.add_argument("--compile", action="store_true",
                        help="torch.compile the UNet (on the CPU with frozen weights; on CUDA the VAE decoder "
-                            "too): the first image of each size compiles, for a minute or more")
+                            "too): the first image of each size compiles, for a minute or more; on the CPU "
+                            "once per model and size, kept in ~/.cache/minisd/compiled ($MINISD_COMPILE_CACHE; "
+                            "off to keep nothing)")
     model.add_argument("--int8", action="store_true",
                        help="static int8 UNet on x86 CPUs (needs the int8 extra): the first image of a size "
                             "calibrates on a few generations and compiles; combine with --compile")

@@ -8,9 +8,12 @@ pickle, so every new process used to compile again. Here the UNet is instead exp
 model, input shapes and settings, holding the generated C++ code built as a shared library and
 the frozen, prepacked weights (https://pytorch.org/docs/stable/torch.compiler_aot_inductor.html).
 A later process with the same model and size loads the package in seconds. The code it runs is
-the code the in-process compile makes (same Inductor, same settings, same kernels).
+the code the in-process compile makes (same Inductor, same settings, same kernels). The int8
+UNet (int8.py) is kept the same way, its key holding the calibration inputs too: a later
+process still runs the calibration generations, but not the quantization and compile.
 
     ~/.cache/minisd/compiled/unet-<key>.pt2         ($XDG_CACHE_HOME, or MINISD_COMPILE_CACHE)
+    ~/.cache/minisd/compiled/unet-int8-<key>.pt2
 
 The key is a hash of everything the compiled code depends on: the UNet's weights (their bytes:
 a fine-tune or a merged LoRA is another model), its layers, the input shapes and dtypes,
@@ -187,17 +190,24 @@ def own_storages(module: nn.Module) -> Iterator[None]:
     weight in the memory-mapped checkpoint file, the fused q/k/v matrix of fast.py) is a copy
     of its own. AOTInductor writes each constant as its whole storage: a float32 UNet read from
     a memory-mapped file would be packaged once per weight (a 6 MB test model made 1.1 GB)."""
-    swapped = []
+    swapped = compact_storages(module)
     try:
-        for layer in module.modules():
-            for table in (layer._parameters, layer._buffers, layer.__dict__):
-                for name, value in list(table.items()):
-                    if isinstance(value, torch.Tensor) and \
-                            value.untyped_storage().nbytes() > value.numel() * value.element_size():
-                        copy = value.detach().clone()  # keeps a dense layout (channels-last stays so)
-                        table[name] = nn.Parameter(copy, value.requires_grad) if isinstance(value, nn.Parameter) else copy
-                        swapped.append((table, name, value))
         yield
     finally:
         for table, name, value in reversed(swapped):
             table[name] = value
+
+
+def compact_storages(module: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
+    """Give every tensor of `module` that views a larger storage a copy of its own, in place;
+    returns (table, name, original) of each one replaced."""
+    swapped = []
+    for layer in module.modules():
+        for table in (layer._parameters, layer._buffers, layer.__dict__):
+            for name, value in list(table.items()):
+                if isinstance(value, torch.Tensor) and \
+                        value.untyped_storage().nbytes() > value.numel() * value.element_size():
+                    copy = value.detach().clone()  # keeps a dense layout (channels-last stays so)
+                    table[name] = nn.Parameter(copy, value.requires_grad) if isinstance(value, nn.Parameter) else copy
+                    swapped.append((table, name, value))
+    return swapped

@@ -14,7 +14,9 @@ shape of the UNet:
    your own), recorded before the first int8 image of that size;
 4. convert: observed ranges become scales and zero points, the graph quantize/dequantize pairs;
 5. compile: Inductor with freezing fuses each pair with its convolution or linear into one
-   oneDNN int8 kernel (compiling.py says why freezing).
+   oneDNN int8 kernel (compiling.py says why freezing); ahead of time by AOTInductor into the
+   package cache (compile_cache.py), so that a later process with the same weights and
+   calibration loads it after calibrating, or in this process with `compile_cache=False`.
 Activations between the int8 kernels (attention, normalisation, SiLU) run in bfloat16 under
 autocast for a bfloat16 pipeline (int8-mixed-bf16), else in float32; the UNet's inputs and
 output are cast from and back to the pipeline's dtype.
@@ -27,14 +29,18 @@ call per recorded step; compiling then takes about as long as for the float UNet
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import platform
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from .compile_cache import PackageCache, cache_folder, compact_storages, fingerprint
 from .compiling import WithInductorSettings, inductor_settings
 from .errors import InputError
 from .fast import uncache_cross_kv
@@ -100,9 +106,11 @@ class Int8UNet:
     made for the inputs' shapes. Every other attribute (config, parameters, `.to`, ...) is the
     float UNet's, which calibration runs and which stays the model's source of truth."""
 
-    def __init__(self, unet: nn.Module, calibration_prompts=None):
+    def __init__(self, unet: nn.Module, calibration_prompts=None, cache: str | Path | bool | None = None):
         self.float_unet = unet
         self.calibration_prompts = check_calibration_prompts(calibration_prompts)
+        folder = cache_folder(cache)  # compiled int8 UNets kept on disk (compile_cache.py); None: not kept
+        self._packages = None if folder is None else PackageCache(folder)
         self._pt2e = load_pt2e()
         # Activations between the int8 kernels: bfloat16 for a bfloat16 pipeline (oneDNN's
         # int8-mixed-bf16 kernels), else float32; chosen here, kept if the pipeline moves.
@@ -143,11 +151,12 @@ class Int8UNet:
         graph = self._graphs.get(key)
         with torch.no_grad(), warnings.catch_warnings():  # no autograd: Inductor freezes weights only then
             if graph is None:
-                graph = self._graphs[key] = self._quantize(x, t, context)
                 # Inductor's int8 lowering in torch 2.13 copies tensors the way torch warns against.
                 warnings.filterwarnings("ignore", "To copy construct from a tensor", UserWarning)
+                graph = self._graphs[key] = self._quantize(x, t, context)
             with torch.autocast("cpu", torch.bfloat16, enabled=self.activations == torch.bfloat16):
-                return graph(x.float(), t, context.float()).to(x.dtype)
+                # contiguous: a graph compiled ahead of time takes the strides it was made for
+                return graph(x.float().contiguous(), t.contiguous(), context.float().contiguous()).to(x.dtype)
 
     def records_for(self, latent_size: tuple[int, int]) -> list[tuple]:
         """The calibration records of this latent size, at most MAX_OBSERVED_CALLS, spread evenly."""
@@ -158,10 +167,27 @@ class Int8UNet:
         return records[::max(1, len(records) // MAX_OBSERVED_CALLS)][:MAX_OBSERVED_CALLS]
 
     def _quantize(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
-        log.info("int8: quantizing the UNet for inputs %s, context %s", tuple(x.shape), tuple(context.shape))
         calibration = [fit_record(record, i, x.shape[0], t, context.shape[1])
                        for i, record in enumerate(self.records_for(x.shape[-2:]))]
-        return quantize_graph(self._pt2e, self.float32_source(), (x.float(), t, context.float()), calibration)
+        source, example = self.float32_source(), (x.float().contiguous(), t.contiguous(), context.float().contiguous())
+        if self._packages is None:
+            log.info("int8: quantizing the UNet for inputs %s, context %s", tuple(x.shape), tuple(context.shape))
+            return quantize_graph(self._pt2e, source, example, calibration)
+        # Kept on disk, keyed by the float weights and by the calibration inputs themselves:
+        # a later process calibrates (the generations) but skips export, observers and compile.
+        settings = {"freezing": True, "joint_custom_pre_pass": NoDtypeAssertions()}
+        key = fingerprint(source, example, settings, extra=f"int8 {self.activations} {torchao_version()} "
+                                                           f"calibration {tensors_digest(calibration)}")
+
+        def export() -> torch.export.ExportedProgram:
+            log.info("int8: quantizing the UNet for inputs %s, context %s", tuple(x.shape), tuple(context.shape))
+            converted = quantized_graph(self._pt2e, source, example, calibration)
+            compact_storages(converted)  # a throwaway graph: its views become copies for good
+            program = torch.export.export(WithActivations(converted, self.activations), example, strict=False)
+            drop_dtype_assertions(program.graph_module)  # export asserts them anew
+            return program
+
+        return self._packages.load_or_build("unet-int8", key, export, settings)
 
     def skipping_model(self, branch: int | None) -> "Int8SkippingUNet":
         """step_skipping.SkippingUNet in int8, per branch (step_skipping_for asks for it)."""
@@ -171,9 +197,9 @@ class Int8UNet:
         return models[branch]
 
 
-def quantize_graph(pt2e, source: nn.Module, example: tuple, calibration: list[tuple]):
-    """PT2E on `source` traced at `example`: export, observe the calibration inputs, convert,
-    compile with freezing (the module docstring's steps 1-5)."""
+def quantized_graph(pt2e, source: nn.Module, example: tuple, calibration: list[tuple]) -> nn.Module:
+    """PT2E on `source` traced at `example`: export, observe the calibration inputs, convert
+    (the module docstring's steps 1-4)."""
     prepare_pt2e, convert_pt2e, quantizer = pt2e
     with torch.no_grad():
         exported = torch.export.export(source, example, strict=False).module()
@@ -182,8 +208,66 @@ def quantize_graph(pt2e, source: nn.Module, example: tuple, calibration: list[tu
             observed(*inputs)
         converted = convert_pt2e(observed)
     drop_dtype_assertions(converted)
-    compiled = torch.compile(converted, fullgraph=True, dynamic=False)
+    return converted
+
+
+def quantize_graph(pt2e, source: nn.Module, example: tuple, calibration: list[tuple]):
+    """`quantized_graph`, compiled in this process with freezing (step 5)."""
+    compiled = torch.compile(quantized_graph(pt2e, source, example, calibration), fullgraph=True, dynamic=False)
     return WithInductorSettings(compiled, inductor_settings(example[0].device))
+
+
+class WithActivations(nn.Module):
+    """The int8 graph with its activations' dtype inside it, for export ahead of time: the
+    package runs bfloat16 between the int8 kernels without an autocast around the call."""
+
+    def __init__(self, graph: nn.Module, activations: torch.dtype):
+        super().__init__()
+        # Not named `graph`: the GraphModule that export makes of this has a `graph` of its own.
+        self.quantized, self.activations = graph, activations
+
+    def forward(self, *inputs):
+        with torch.autocast("cpu", torch.bfloat16, enabled=self.activations == torch.bfloat16):
+            return self.quantized(*inputs)
+
+
+class NoDtypeAssertions(CustomGraphPass):
+    """Inductor pass: `drop_dtype_assertions` on the graph AOTInductor traces again from the
+    exported int8 program (that trace asserts each `.to()`'s input dtype anew)."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for node in list(graph.nodes):
+            if node.target is torch.ops.aten._assert_tensor_metadata.default:
+                graph.erase_node(node)
+
+    def uuid(self) -> str:
+        return "minisd.int8.NoDtypeAssertions/1"
+
+    def __repr__(self) -> str:  # in the package cache's key
+        return self.uuid()
+
+
+def tensors_digest(records: list[tuple]) -> str:
+    """A hash of the calibration inputs (their shapes, dtypes and bytes)."""
+    digest = hashlib.sha256()
+    for record in records:
+        for x in record:
+            if isinstance(x, torch.Tensor):
+                x = x.detach().contiguous()
+                digest.update(f"{tuple(x.shape)} {x.dtype}".encode())
+                digest.update(x.reshape(-1).view(torch.uint8).numpy())
+            else:
+                digest.update(repr(x).encode())
+    return digest.hexdigest()
+
+
+def torchao_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torchao")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class Int8SkippingUNet:
@@ -285,8 +369,11 @@ def calibrate_int8(pipe, height: int, width: int) -> bool:
 def drop_dtype_assertions(graph_module) -> None:
     """Export asserts the float32 dtype of some intermediate tensors; under bfloat16 autocast
     (int8-mixed-bf16) they hold bfloat16 and the assertion fails while compiling. Shapes and
-    dtypes are Dynamo's guards anyway."""
-    for node in list(graph_module.graph.nodes):
-        if node.target is torch.ops.aten._assert_tensor_metadata.default:
-            graph_module.graph.erase_node(node)
-    graph_module.recompile()
+    dtypes are Dynamo's guards anyway. Nested graphs too (export puts an autocast region in a
+    graph of its own)."""
+    for module in graph_module.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            for node in list(module.graph.nodes):
+                if node.target is torch.ops.aten._assert_tensor_metadata.default:
+                    module.graph.erase_node(node)
+            module.recompile()

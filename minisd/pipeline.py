@@ -113,7 +113,7 @@ class Pipeline:
         pipe._set_layouts(device, dtype)  # no-ops, unless the caller passed components
         apply_levers(levers, pipe.unet, pipe.vae)
         if quantize is not None:
-            pipe.quantize(quantize, calibration_prompts)
+            pipe.quantize(quantize, calibration_prompts, cache=compile_cache)
         if compile:
             pipe.compile(None if compile is True else compile, cache=compile_cache)
         return pipe
@@ -163,12 +163,15 @@ class Pipeline:
         if self.device.type != "cpu":  # on the CPU it measured no faster (compiling.py)
             compile_module(self.vae.decoder, self.device, mode)
 
-    def quantize(self, method: str = "int8", calibration_prompts: list[str] | None = None) -> None:
+    def quantize(self, method: str = "int8", calibration_prompts: list[str] | None = None,
+                 cache: str | Path | bool | None = None) -> None:
         """Static int8 for the UNet (int8.py), calibrated before the first image of each size on
-        generations of `calibration_prompts` (or int8's own) that this pipeline runs itself."""
+        generations of `calibration_prompts` (or int8's own) that this pipeline runs itself;
+        the compiled int8 UNet kept in the package cache (`cache`: its folder, False for none;
+        compile_cache.py)."""
         check_quantize(method, self.device)
         if not isinstance(self.unet, Int8UNet):
-            self.unet = Int8UNet(self.unet, calibration_prompts)
+            self.unet = Int8UNet(self.unet, calibration_prompts, cache)
 
     @property
     def device(self) -> torch.device:

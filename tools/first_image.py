@@ -6,9 +6,9 @@ minisd's package cache of compiled UNets (minisd/compile_cache.py) and Inductor'
     python tools/first_image.py --compile --int8
     python tools/first_image.py --tiny --size 64 --steps 2   # a smoke test of the tool
 
-The first process pays the whole compile (and, for --int8, the calibration); with --compile
-the second loads the compiled UNet from the package cache; with --int8 it finds only
-Inductor's C++ code in its cache and pays the calibration and tracing again. The model is tools/bench_model.py's random small-sd folder (or the tiny one).
+The first process pays the whole compile (and, for --int8, the calibration); the second loads
+the compiled UNet from the package cache (with --int8 after running the calibration
+generations again, which the package's key holds). The model is tools/bench_model.py's random small-sd folder (or the tiny one).
 """
 from __future__ import annotations
 
