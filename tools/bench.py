@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--group-by", choices=["dtype", "none", "mode"],
                    help="which modes are loaded and alternated together (default: dtype on cpu, none on cuda)")
     p.add_argument("--warm-compile-cache", action="store_true",
-                   help="use inductor's usual on-disk cache (default: an empty one per mode: cold compile times)")
+                   help="use inductor's usual on-disk cache and minisd's compiled-UNet packages (default: empty "
+                        "ones per mode: cold compile times)")
     p.add_argument("--time-limit", type=float, help="seconds: stop repeating (and skip modes not yet "
                    "started) past this; at least one repetition of each started mode runs")
     add_model_options(p)

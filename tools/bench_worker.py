@@ -10,8 +10,8 @@ time are its own.
   minisd reads what it converts (dtype, channels-last) at load, hence bench's "1st img" column:
   load + first image, what a one-off run waits for.
 - Warm-up: each worker generates one image right after loading (its "first image": this is
-  where torch.compile compiles, each worker with its own empty inductor cache unless
-  `--warm-compile-cache`); compile time = first image - median steady image.
+  where torch.compile compiles, each worker with its own empty inductor cache and minisd
+  package cache unless `--warm-compile-cache`); compile time = first image - median steady image.
 - UNet step and VAE decode are timed inside each image, around the calls the pipeline makes
   (the UNet and VAE are wrapped by `CallTimer`; CUDA events on a GPU, so nothing waits inside
   the loop): a step is the median of the image's CFG UNet calls (batch 2), the decode its one
@@ -278,8 +278,9 @@ def apply_addon(pipe, addon: dict, notes: list[str]):
 
 def worker_main(conn, spec: dict) -> None:
     """Serve commands from the parent: load, first, rep, close. Errors go back as text."""
-    if spec["compile_cache"]:
+    if spec["compile_cache"]:  # cold: Inductor's cache and minisd's packages (compile_cache.py) start empty
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = spec["compile_cache"]
+        os.environ["MINISD_COMPILE_CACHE"] = os.path.join(spec["compile_cache"], "minisd")
     session = None
     while True:
         try:
