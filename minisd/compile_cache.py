@@ -180,8 +180,14 @@ class CachedUNetCall:
             finally:
                 self.unet._compiled_call_impl = held
 
-        with own_storages(self.unet):
-            return self.cache.load_or_build("unet", key, export, self.settings)
+        try:
+            with own_storages(self.unet):
+                return self.cache.load_or_build("unet", key, export, self.settings)
+        except OSError as e:  # a folder that cannot be written, a full disk: compile here instead
+            warnings.warn(f"the compiled UNet cannot be kept in {self.cache.folder} ({e}); compiling it in "
+                          "this process instead (set MINISD_COMPILE_CACHE to a writable folder, or off)",
+                          stacklevel=3)
+            return self.fallback
 
 
 @contextmanager

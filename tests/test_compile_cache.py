@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,29 @@ def test_a_failed_compile_leaves_no_file(tmp_path):
     with pytest.raises(RuntimeError, match="export failed"):
         cache.load_or_build("unet", "k", export, {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_cache_falls_back_to_compiling_in_process(tiny_current, tmp_path):
+    from minisd import load_unet
+    from minisd.compile_cache import CachedUNetCall
+
+    unet = load_unet(tiny_current)
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("a user's file, not a folder")
+    calls = []
+
+    def in_process(*args):  # stands in for torch.compile's call
+        calls.append(args)
+        return unet.forward(*args)
+
+    cached = CachedUNetCall(unet, in_process, {"freezing": True}, PackageCache(not_a_folder / "cache"))
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="cannot be kept in .*file/cache.*compiling it in this process"):
+            got = cached(x, 10, ctx)
+        assert torch.allclose(got, unet(x, 10, ctx), atol=1e-6) and len(calls) == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the fallback is remembered for the shape: no retry, no warning
+            cached(x, 10, ctx)
+    assert len(calls) == 2 and not_a_folder.read_text() == "a user's file, not a folder"
