@@ -73,7 +73,8 @@ def build_parser() -> ArgumentParser:
                             "off to keep nothing)")
     model.add_argument("--int8", action="store_true",
                        help="static int8 UNet on x86 CPUs (needs the int8 extra): the first image of a size "
-                            "calibrates on a few generations and compiles; combine with --compile")
+                            "calibrates on a few generations and compiles (the compiled int8 UNet kept "
+                            "as --compile's is); combine with --compile")
     model.add_argument("--no-levers", action="store_true",
                        help="run the models exactly as written, without the speed levers of minisd/fast.py")
     model.add_argument("--no-safety-checker", action="store_true", help="do not filter images (logged)")
