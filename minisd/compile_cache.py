@@ -131,7 +131,8 @@ class PackageCache:
 class CachedUNetCall:
     """Stands in for a UNet's compiled call (`nn.Module._compiled_call_impl`, see compiling.py):
     for each new input shape, the UNet compiled ahead of time from the package cache; any other
-    call (autograd on, other arguments) goes to `fallback`, the in-process torch.compile."""
+    call (autograd on, other arguments, hooks on the UNet) goes to `fallback`, the in-process
+    torch.compile."""
 
     def __init__(self, unet: nn.Module, fallback: Callable, settings: dict, cache: PackageCache):
         self.unet, self.fallback, self.settings, self.cache = unet, fallback, settings, cache
@@ -139,7 +140,9 @@ class CachedUNetCall:
 
     def __call__(self, *args, **kwargs):
         inputs = self.plain_inputs(args, kwargs)
-        if inputs is None or torch.is_grad_enabled():
+        # A package runs forward alone: hooks on the UNet need the in-process compile, which calls them.
+        hooked = self.unet._forward_hooks or self.unet._forward_pre_hooks
+        if inputs is None or torch.is_grad_enabled() or hooked:
             return self.fallback(*args, **kwargs)
         signature = tuple((tuple(x.shape), x.dtype) for x in inputs)
         compiled = self.compiled.get(signature)

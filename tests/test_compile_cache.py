@@ -179,4 +179,10 @@ def test_an_unwritable_cache_falls_back_to_compiling_in_process(tiny_current, tm
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the fallback is remembered for the shape: no retry, no warning
             cached(x, 10, ctx)
-    assert len(calls) == 2 and not_a_folder.read_text() == "a user's file, not a folder"
+        assert len(calls) == 2 and not_a_folder.read_text() == "a user's file, not a folder"
+        hook = unet.register_forward_pre_hook(lambda module, inputs: None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a hooked UNet, a new shape: no package tried, no warning
+            cached(torch.randn(1, 4, 8, 8, generator=g), 10, ctx[:1])
+        hook.remove()
+    assert len(calls) == 3  # straight to the in-process call, which runs the hooks itself
