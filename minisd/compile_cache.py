@@ -26,6 +26,7 @@ keep it where only you can write, as Inductor's own cache in /tmp/torchinductor_
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -60,6 +61,7 @@ def cache_folder(setting: str | Path | bool | None = None) -> Path | None:
     return Path(base) / "minisd" / "compiled"
 
 
+@functools.cache  # the files do not change under a running process
 def _source_digest() -> str:
     """A hash of minisd's own source files: a change to the models' code changes the key."""
     digest = hashlib.sha256()
@@ -79,10 +81,15 @@ def fingerprint(module: nn.Module, inputs: tuple[torch.Tensor, ...], settings: d
              for name, layer in module.named_modules()]
     digest.update("\n".join(head).encode())
     for name, tensor in module.state_dict(keep_vars=False).items():
-        digest.update(f"\n{name} {tensor.dtype} {tuple(tensor.shape)} {tensor.stride()}".encode())
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+        hash_tensor(digest, tensor, f"\n{name} {tensor.stride()}")
     return digest.hexdigest()
+
+
+def hash_tensor(digest, tensor: torch.Tensor, label: str = "") -> None:
+    """Feed `label`, the tensor's dtype and shape, then its bytes to a hashlib `digest`."""
+    digest.update(f"{label} {tensor.dtype} {tuple(tensor.shape)}".encode())
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
 
 
 class PackageCache:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from .compile_cache import PackageCache, cache_folder, compact_storages, fingerprint
+from .compile_cache import PackageCache, cache_folder, compact_storages, fingerprint, hash_tensor
 from .compiling import WithInductorSettings, inductor_settings
 from .errors import InputError
 from .fast import uncache_cross_kv
@@ -169,19 +169,20 @@ class Int8UNet:
     def _quantize(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
         calibration = [fit_record(record, i, x.shape[0], t, context.shape[1])
                        for i, record in enumerate(self.records_for(x.shape[-2:]))]
-        source, example = self.float32_source(), (x.float().contiguous(), t.contiguous(), context.float().contiguous())
+        example = (x.float().contiguous(), t.contiguous(), context.float().contiguous())
         if self._packages is None:
             log.info("int8: quantizing the UNet for inputs %s, context %s", tuple(x.shape), tuple(context.shape))
-            return quantize_graph(self._pt2e, source, example, calibration)
-        # Kept on disk, keyed by the float weights and by the calibration inputs themselves:
-        # a later process calibrates (the generations) but skips export, observers and compile.
+            return quantize_graph(self._pt2e, self.float32_source(), example, calibration)
+        # Kept on disk, keyed by the float weights (the float32 source is made from them, and
+        # only when building) and by the calibration inputs themselves: a later process
+        # calibrates (the generations) but skips export, observers and compile.
         settings = {"freezing": True, "joint_custom_pre_pass": NoDtypeAssertions()}
-        key = fingerprint(source, example, settings, extra=f"int8 {self.activations} {torchao_version()} "
-                                                           f"calibration {tensors_digest(calibration)}")
+        key = fingerprint(self.float_unet, example, settings, extra=f"int8 {self.activations} {torchao_version()} "
+                                                                    f"calibration {tensors_digest(calibration)}")
 
         def export() -> torch.export.ExportedProgram:
             log.info("int8: quantizing the UNet for inputs %s, context %s", tuple(x.shape), tuple(context.shape))
-            converted = quantized_graph(self._pt2e, source, example, calibration)
+            converted = quantized_graph(self._pt2e, self.float32_source(), example, calibration)
             compact_storages(converted)  # a throwaway graph: its views become copies for good
             program = torch.export.export(WithActivations(converted, self.activations), example, strict=False)
             drop_dtype_assertions(program.graph_module)  # export asserts them anew
@@ -236,9 +237,7 @@ class NoDtypeAssertions(CustomGraphPass):
     exported int8 program (that trace asserts each `.to()`'s input dtype anew)."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        for node in list(graph.nodes):
-            if node.target is torch.ops.aten._assert_tensor_metadata.default:
-                graph.erase_node(node)
+        erase_dtype_assertions(graph)
 
     def uuid(self) -> str:
         return "minisd.int8.NoDtypeAssertions/1"
@@ -253,9 +252,7 @@ def tensors_digest(records: list[tuple]) -> str:
     for record in records:
         for x in record:
             if isinstance(x, torch.Tensor):
-                x = x.detach().contiguous()
-                digest.update(f"{tuple(x.shape)} {x.dtype}".encode())
-                digest.update(x.reshape(-1).view(torch.uint8).numpy())
+                hash_tensor(digest, x)
             else:
                 digest.update(repr(x).encode())
     return digest.hexdigest()
@@ -373,7 +370,11 @@ def drop_dtype_assertions(graph_module) -> None:
     graph of its own)."""
     for module in graph_module.modules():
         if isinstance(module, torch.fx.GraphModule):
-            for node in list(module.graph.nodes):
-                if node.target is torch.ops.aten._assert_tensor_metadata.default:
-                    module.graph.erase_node(node)
+            erase_dtype_assertions(module.graph)
             module.recompile()
+
+
+def erase_dtype_assertions(graph: torch.fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
