@@ -43,7 +43,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from .compile_cache import PackageCache, cache_folder, compact_storages, fingerprint, hash_tensor
 from .compiling import WithInductorSettings, inductor_settings
 from .errors import InputError
-from .fast import uncache_cross_kv
+from .fast import FusedSelfAttention, uncache_cross_kv
 
 log = logging.getLogger("minisd")
 
@@ -129,9 +129,14 @@ class Int8UNet:
         the exported graph keeps references to its parameters, and `Pipeline.to(dtype)` must
         not convert them under the int8 graph. Its cross-attention is made plain: the copy is
         taken mid-generation, and export must trace the text's K/V projections, not the values
-        that generation cached (fast.uncache_cross_kv)."""
+        that generation cached (fast.uncache_cross_kv), and its fused q/k/v products are
+        Linear layers, which the quantizer makes int8 (QuantizableSelfAttention)."""
         source = copy.deepcopy(self.float_unet).float()
         uncache_cross_kv(source)
+        for parent in list(source.modules()):
+            for name, layer in parent.named_children():
+                if type(layer) is FusedSelfAttention:
+                    setattr(parent, name, QuantizableSelfAttention.of(layer))
         return source
 
     def calibrated(self, latent_h: int, latent_w: int) -> bool:
@@ -196,6 +201,22 @@ class Int8UNet:
         if branch not in models:
             models[branch] = Int8SkippingUNet(self, branch)
         return models[branch]
+
+
+class QuantizableSelfAttention(FusedSelfAttention):
+    """FusedSelfAttention (fast.py) whose fused q/k/v product is an nn.Linear. The x86
+    quantizer makes int8 the products it finds as Linear layers; FusedSelfAttention's is
+    F.linear on a tensor of its own, which stayed bfloat16: ten products a step, 42 of the
+    int8 step's 649 ms at small-sd's shapes, 256x256 (tools/profile_unet.py)."""
+
+    def _setup(self) -> None:
+        super()._setup()
+        out_features, in_features = self.qkv_weight.shape
+        self.to_qkv = nn.Linear(in_features, out_features, bias=False, device="meta")
+        self.to_qkv.weight = nn.Parameter(self.qkv_weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attend(*self.to_qkv(x).chunk(3, dim=-1))
 
 
 def quantized_graph(pt2e, source: nn.Module, example: tuple, calibration: list[tuple]) -> nn.Module:

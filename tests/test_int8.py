@@ -17,7 +17,8 @@ import torch
 
 from minisd import InputError, Pipeline
 from minisd.cli import main
-from minisd.int8 import CALIBRATION_PROMPTS, CALIBRATION_STEPS, Int8UNet, check_quantize, fit_record, load_pt2e
+from minisd.int8 import (CALIBRATION_PROMPTS, CALIBRATION_STEPS, Int8UNet, check_quantize, fit_record, load_pt2e,
+                         quantized_graph)
 
 pytest.importorskip("torchao", reason="the int8 extra (torchao) is part of the test extra")
 
@@ -79,6 +80,28 @@ def test_int8_kernels_match_the_quantized_graph_and_stay_near_float(int8_pipe):
     assert rel_rms(compiled, reference) <= INT8_KERNEL_TOL
     assert rel_rms(compiled, float_out) <= INT8_VS_FLOAT_TOL
     assert rel_rms(compiled, float_out) > 1e-4  # it really is int8, not the float UNet
+
+
+def test_every_convolution_and_linear_is_int8(int8_pipe):
+    """Each product of the quantized graph takes an int8 activation and int8 weights. The
+    quantizer finds them as nn.Conv2d and nn.Linear layers; fast.py's fused q/k/v product of
+    self-attention is F.linear on a fused tensor and stayed float until the int8 source gave it
+    a Linear (int8.QuantizableSelfAttention)."""
+    source = int8_pipe.unet.float32_source()
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor(500.0),
+              torch.randn(2, 77, source.config.cross_attention_dim, generator=g))
+    graph = quantized_graph(load_pt2e(), source, inputs, [inputs])
+
+    def dequantized(node) -> bool:
+        return node.op == "call_function" and "dequantize" in str(node.target)
+
+    products = [n for n in graph.graph.nodes if n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)]
+    in_float = [list(n.meta["nn_module_stack"].values())[-1][0] for n in products
+                if not (dequantized(n.args[0]) and dequantized(n.args[1]))]
+    assert products and in_float == []
+    names = {list(n.meta["nn_module_stack"].values())[-1][0] for n in products}
+    assert any(name.endswith("attn1.to_qkv") for name in names)
 
 
 def test_records_fit_other_batches_and_context_lengths():
