@@ -211,8 +211,7 @@ class QuantizableSelfAttention(FusedSelfAttention):
 
     def _setup(self) -> None:
         super()._setup()
-        out_features, in_features = self.qkv_weight.shape
-        self.to_qkv = nn.Linear(in_features, out_features, bias=False, device="meta")
+        self.to_qkv = nn.Linear(*reversed(self.qkv_weight.shape), bias=False, device="meta")  # in, out
         self.to_qkv.weight = nn.Parameter(self.qkv_weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
