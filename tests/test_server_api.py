@@ -103,8 +103,13 @@ def test_batches_get_consecutive_seeds(server):
     assert [f"Seed: {s}," in text for s, text in zip(range(100, 104), info["infotexts"])] == [True] * 4
     assert [decoded(png).info["parameters"] for png in pngs] == info["infotexts"]
     assert len(set(pngs)) == 4
-    # image 2 is the first of the second n_iter batch: the same as a request starting at its seed
-    assert generated(server, txt2img(seed=102))[0][0] == pngs[2]
+    # image 2 is the first of the second n_iter batch: the same as a request starting at its seed,
+    # to the rounding of a batch of 2 against a batch of 1 (oneDNN's kernels may differ by batch
+    # size: 1 level measured on one of this project's CPUs, bit-equal on another), and far from
+    # the neighbouring seeds' images
+    alone = np.asarray(decoded(generated(server, txt2img(seed=102))[0][0]), dtype=int)
+    gaps = [np.abs(alone - np.asarray(decoded(png), dtype=int)).max() for png in pngs]
+    assert gaps[2] <= PIXEL_TOLERANCE and min(gaps[1], gaps[3]) > 10 * PIXEL_TOLERANCE, gaps
 
 
 def test_random_seed_is_reported_and_reproducible(server):
