@@ -92,6 +92,18 @@ def hash_tensor(digest, tensor: torch.Tensor, label: str = "") -> None:
     digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
 
 
+def tensors_digest(records: list[tuple]) -> str:
+    """A hash of the calibration inputs (their shapes, dtypes and bytes)."""
+    digest = hashlib.sha256()
+    for record in records:
+        for x in record:
+            if isinstance(x, torch.Tensor):
+                hash_tensor(digest, x)
+            else:
+                digest.update(repr(x).encode())
+    return digest.hexdigest()
+
+
 class PackageCache:
     """Compiled packages in one folder: `load_or_build(name, key, export, settings)`."""
 

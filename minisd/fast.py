@@ -42,9 +42,9 @@ to run on this shared machine, so only the larger effects are settled:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -83,15 +83,28 @@ def channels_last_for(device: torch.device, dtype: torch.dtype) -> dict[str, boo
 
 def apply_levers(levers: SpeedLevers, *models: nn.Module) -> None:
     """Swap the models' layers for the fast equivalents `levers` asks for, in place."""
+
+    def faster(name: str, layer: nn.Module) -> nn.Module | None:
+        if type(layer) is Attention and name == "attn1" and levers.fused_qkv:
+            return FusedSelfAttention.of(layer)
+        if type(layer) is Attention and name == "attn2" and levers.cached_cross_kv:
+            return CachedCrossAttention.of(layer)
+        if type(layer) in IN_PLACE and levers.inplace_residuals:
+            return IN_PLACE[type(layer)].of(layer)
+        return None
+
     for model in models:
-        layers = [(parent, name, layer) for parent in model.modules() for name, layer in parent.named_children()]
-        for parent, name, layer in reversed(layers):  # inner layers first: a swapped block takes them over
-            if type(layer) is Attention and name == "attn1" and levers.fused_qkv:
-                setattr(parent, name, FusedSelfAttention.of(layer))
-            elif type(layer) is Attention and name == "attn2" and levers.cached_cross_kv:
-                setattr(parent, name, CachedCrossAttention.of(layer))
-            elif type(layer) in IN_PLACE and levers.inplace_residuals:
-                setattr(parent, name, IN_PLACE[type(layer)].of(layer))
+        swap_layers(model, faster)
+
+
+def swap_layers(model: nn.Module, replacement: Callable[[str, nn.Module], nn.Module | None]) -> None:
+    """Replace, in place, each layer of `model` for which `replacement(name, layer)` gives a
+    new one (None: keep it). Inner layers first: a swapped block takes the swapped ones over."""
+    layers = [(parent, name, layer) for parent in model.modules() for name, layer in parent.named_children()]
+    for parent, name, layer in reversed(layers):
+        new = replacement(name, layer)
+        if new is not None:
+            setattr(parent, name, new)
 
 
 def rebuilt_as(cls: type, layer: nn.Module) -> nn.Module:
@@ -109,12 +122,14 @@ def uncache_cross_kv(model: nn.Module) -> None:
     by a layer as a constant of the graph: the cached K/V of one prompt would be guarded on
     and baked in, and each new prompt would recompile. The compiled graph projects the text
     at every step instead (1.6% of a step at 256x256, fused by Inductor)."""
-    for parent in list(model.modules()):
-        for name, layer in parent.named_children():
-            if isinstance(layer, CachedCrossAttention):
-                plain = rebuilt_as(Attention, layer)
-                del plain.kv
-                setattr(parent, name, plain)
+    def plain(name: str, layer: nn.Module) -> nn.Module | None:
+        if not isinstance(layer, CachedCrossAttention):
+            return None
+        attention = rebuilt_as(Attention, layer)
+        del attention.kv
+        return attention
+
+    swap_layers(model, plain)
 
 
 class _Swapped(nn.Module):

@@ -29,7 +29,6 @@ call per recorded step; compiling then takes about as long as for the float UNet
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import platform
@@ -40,10 +39,10 @@ import torch
 from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from .compile_cache import PackageCache, cache_folder, compact_storages, fingerprint, hash_tensor
+from .compile_cache import PackageCache, cache_folder, compact_storages, fingerprint, tensors_digest
 from .compiling import WithInductorSettings, inductor_settings
 from .errors import InputError
-from .fast import FusedSelfAttention, uncache_cross_kv
+from .fast import FusedSelfAttention, swap_layers, uncache_cross_kv
 
 log = logging.getLogger("minisd")
 
@@ -79,15 +78,21 @@ def load_pt2e():
         for logger in quiet:
             logger.setLevel(logging.ERROR)
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+        quantizer = default_quantizer()
     except ImportError as e:
         raise InputError("quantize='int8' needs torchao, which holds PyTorch's PT2E int8 flow: "
                          "pip install \"minisd[int8]\" (or pip install torchao)") from e
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
-    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
     return prepare_pt2e, convert_pt2e, quantizer
+
+
+def default_quantizer():
+    """torchao's x86 Inductor quantizer as minisd sets it: every convolution and linear int8."""
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    return x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
 
 
 def check_calibration_prompts(prompts) -> tuple[str, ...]:
@@ -133,10 +138,8 @@ class Int8UNet:
         Linear layers, which the quantizer makes int8 (QuantizableSelfAttention)."""
         source = copy.deepcopy(self.float_unet).float()
         uncache_cross_kv(source)
-        for parent in list(source.modules()):
-            for name, layer in parent.named_children():
-                if type(layer) is FusedSelfAttention:
-                    setattr(parent, name, QuantizableSelfAttention.of(layer))
+        swap_layers(source, lambda _, layer: QuantizableSelfAttention.of(layer) if type(layer) is FusedSelfAttention
+                    else None)
         return source
 
     def calibrated(self, latent_h: int, latent_w: int) -> bool:
@@ -264,18 +267,6 @@ class NoDtypeAssertions(CustomGraphPass):
 
     def __repr__(self) -> str:  # in the package cache's key
         return self.uuid()
-
-
-def tensors_digest(records: list[tuple]) -> str:
-    """A hash of the calibration inputs (their shapes, dtypes and bytes)."""
-    digest = hashlib.sha256()
-    for record in records:
-        for x in record:
-            if isinstance(x, torch.Tensor):
-                hash_tensor(digest, x)
-            else:
-                digest.update(repr(x).encode())
-    return digest.hexdigest()
 
 
 def torchao_version() -> str:

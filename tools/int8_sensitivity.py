@@ -118,7 +118,7 @@ def main(argv=None) -> int:
 
     from bench_report import psnr
     from minisd import Pipeline
-    from minisd.int8 import Int8UNet, calibrate_int8, fit_record, quantized_graph
+    from minisd.int8 import Int8UNet, calibrate_int8, default_quantizer, fit_record, quantized_graph
 
     torch.manual_seed(0)
     folder = model_folder(args.cache_dir, args.tiny, args.seed)
@@ -146,12 +146,10 @@ def main(argv=None) -> int:
     shares = flop_shares(source, example)
 
     prepare, convert, _ = int8._pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
-
     rows = []
     for group in groups:
         kept = layers_in(source, GROUPS[group])
-        quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+        quantizer = default_quantizer()
         for name in kept:
             quantizer.set_module_name_qconfig(name, None)
         if GROUPS[group] == "mul":  # the x86 quantizer gives tensor products int8 inputs by default
