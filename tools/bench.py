@@ -142,7 +142,8 @@ def worker_spec(mode: Mode, args, folder: Path) -> dict:
             "dtype": mode.dtype, "compiled": mode.compiled,
             "minisd_from": str(args.baseline) if mode.lib == "baseline" else None,
             "folder": str(folder), "device": args.device, "size": args.size, "steps": args.steps,
-            "minisd_compile": args.minisd_compile, "diffusers_compile_mode": args.diffusers_compile_mode,
+            "minisd_compile": args.minisd_compile, "minisd_in_process": args.minisd_in_process,
+            "diffusers_compile_mode": args.diffusers_compile_mode,
             "compile_cache": None if args.warm_compile_cache else tempfile.mkdtemp(prefix="bench-inductor-")}
 
 
@@ -227,6 +228,10 @@ def main(argv=None) -> int:
                    help="add openvino-bf16 and openvino-int8 to the default modes (needs openvino and nncf)")
     p.add_argument("--minisd-compile", default="auto",
                    help="compile= for minisd's compiled modes and minisd-int8: auto (True) or a torch.compile mode")
+    p.add_argument("--minisd-in-process", action="store_true",
+                   help="minisd's compiled and int8 modes compile in their worker (compile_cache=False) instead "
+                        "of through the compiled-UNet package cache: what a process that compiles once and runs "
+                        "on gets (the package's steady state measured slower: docs/cpu-floor.md)")
     p.add_argument("--diffusers-compile-mode", help="torch.compile mode of diffusers' compiled modes "
                    "(default: reduce-overhead on cuda, default on cpu)")
     p.add_argument("--group-by", choices=["dtype", "none", "mode"],

@@ -19,8 +19,9 @@ time are its own.
   runs (minisd computes the cross-attention K/V once per image) and recompile the compiled modes.
 
 The spec a worker gets is plain data: the mode's name, `lib` (diffusers, minisd or openvino),
-`dtype`, `compiled`, and `minisd_from`: a checkout whose minisd a baseline worker imports
-instead of the installed one. The parent drives a worker through `Worker`: load, first, rep,
+`dtype`, `compiled`, `minisd_from`: a checkout whose minisd a baseline worker imports
+instead of the installed one, and `minisd_in_process` (`--minisd-in-process`): minisd's compiled
+and int8 UNets compiled in the worker with `compile_cache=False` rather than packaged. The parent drives a worker through `Worker`: load, first, rep,
 close.
 
 dtype int8: the UNet in int8 (weights and activations, static scales), the rest in bf16 (the
@@ -197,6 +198,11 @@ class Session:
             kwargs["quantize"] = "int8"
             # minisd calibrates on the first image of a size, so its compile s includes that.
             self.notes.append("quantize='int8' (calibrated and compiled in the first image)")
+        if self.spec.get("minisd_in_process") and kwargs:
+            if "compile_cache" not in parameters:
+                raise WorkerError("--minisd-in-process: this minisd has no compile_cache= in Pipeline.from_pretrained")
+            kwargs["compile_cache"] = False
+            self.notes.append("compiled in process (compile_cache=False)")
         pipe = pipeline_cls.from_pretrained(folder, device=self.device, dtype=dtype, safety_checker=None, **kwargs)
         if option is not False and not has_compile:
             # Until minisd's own compile= lands: compile the UNet here, and say so.
