@@ -81,6 +81,36 @@ def test_minisd_int8_refuses_a_minisd_without_quantize():
         Session._load_minisd(worker, OldPipeline, Path("unused"), torch.bfloat16)
 
 
+@pytest.mark.parametrize("in_process", [False, True])
+def test_minisd_in_process_compiles_without_the_package_cache(in_process, capsys):
+    """--minisd-in-process reaches from_pretrained as compile_cache=False, and only then."""
+    from types import SimpleNamespace
+
+    import torch
+    from bench import Mode, main, worker_spec
+    from bench_worker import Session
+
+    calls = []
+
+    class Recording:  # from_pretrained's signature as minisd has it: records the keywords
+        @classmethod
+        def from_pretrained(cls, pretrained, device="cpu", dtype=None, compile=False, *, quantize=None,
+                            compile_cache=None, **components):
+            calls.append({"compile": compile, "quantize": quantize, "compile_cache": compile_cache})
+            return cls()
+
+    with pytest.raises(SystemExit):  # the flag is bench's own
+        main(["--help"])
+    assert "--minisd-in-process" in capsys.readouterr().out
+    args = SimpleNamespace(baseline=None, device="cpu", size=64, steps=2, minisd_compile=True,
+                           minisd_in_process=in_process, diffusers_compile_mode="default", warm_compile_cache=True)
+    spec = worker_spec(Mode.parse("minisd-int8"), args, Path("unused"))
+    worker = SimpleNamespace(spec=spec, notes=[], device=torch.device("cpu"))
+    Session._load_minisd(worker, Recording, Path("unused"), torch.bfloat16)
+    assert calls == [{"compile": True, "quantize": "int8", "compile_cache": False if in_process else None}]
+    assert ("compile_cache=False" in "; ".join(worker.notes)) == in_process
+
+
 def _result(lib, dtype, unet_s, image):
     return {"lib": lib, "dtype": dtype, "compiled": False, "e2e_s_all": [1.0], "unet_s_all": [unet_s],
             "vae_s_all": [0.1], "image": image}
