@@ -9,11 +9,12 @@ model, input shapes and settings, holding the generated C++ code built as a shar
 the frozen, prepacked weights (https://pytorch.org/docs/stable/torch.compiler_aot_inductor.html).
 A later process with the same model and size loads the package in seconds. The code it runs is
 the code the in-process compile makes (same Inductor, same settings, same kernels), yet its
-steady state measured 7-15% slower: AOTInductor's loader copies the weights into one block
-from malloc, 16 bytes off a cache line (docs/cpu-floor.md); for a process that compiles once
-and runs long, `compile_cache=False` is the faster choice. The int8
-UNet (int8.py) is kept the same way, its key holding the calibration inputs too: a later
-process still runs the calibration generations, but not the quantization and compile.
+steady state measured 7-30% slower (int8 and bf16 UNet steps, docs/cpu-floor.md):
+AOTInductor's loader copies the weights into one block from malloc, 16 bytes off a cache
+line; for a process that compiles once and runs long, `compile_cache=False` is the faster
+choice. The int8 UNet (int8.py) is kept the same way, its key holding the calibration inputs
+too: a later process still runs the calibration generations, but not the quantization and
+compile.
 
     ~/.cache/minisd/compiled/unet-<key>.pt2         ($XDG_CACHE_HOME, or MINISD_COMPILE_CACHE)
     ~/.cache/minisd/compiled/unet-int8-<key>.pt2

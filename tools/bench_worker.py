@@ -20,9 +20,9 @@ time are its own.
 
 The spec a worker gets is plain data: the mode's name, `lib` (diffusers, minisd or openvino),
 `dtype`, `compiled`, `minisd_from`: a checkout whose minisd a baseline worker imports
-instead of the installed one, and `minisd_in_process` (`--minisd-in-process`): minisd's compiled
-and int8 UNets compiled in the worker with `compile_cache=False` rather than packaged. The parent drives a worker through `Worker`: load, first, rep,
-close.
+instead of the installed one, and `minisd_in_process` (`--minisd-in-process`): minisd's
+compiled and int8 UNets compiled in the worker with `compile_cache=False` rather than
+packaged. The parent drives a worker through `Worker`: load, first, rep, close.
 
 dtype int8: the UNet in int8 (weights and activations, static scales), the rest in bf16 (the
 text encoder as each library runs it). minisd: `from_pretrained(dtype=bfloat16,
