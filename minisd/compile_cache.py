@@ -8,11 +8,10 @@ pickle, so every new process used to compile again. Here the UNet is instead exp
 model, input shapes and settings, holding the generated C++ code built as a shared library and
 the frozen, prepacked weights (https://pytorch.org/docs/stable/torch.compiler_aot_inductor.html).
 A later process with the same model and size loads the package in seconds. The code it runs is
-the code the in-process compile makes (same Inductor, same settings, same kernels), yet its
-steady state measured 7-30% slower (int8 and bf16 UNet steps, docs/cpu-floor.md):
-AOTInductor's loader copies the weights into one block from malloc, 16 bytes off a cache
-line; for a process that compiles once and runs long, `compile_cache=False` is the faster
-choice. The int8 UNet (int8.py) is kept the same way, its key holding the calibration inputs
+the code the in-process compile makes (same Inductor, same settings, same kernels); loaded by
+torch's own package loader it ran 7-30% slower (int8 and bf16 UNet steps, docs/cpu-floor.md),
+its weights copied 16 bytes off a cache line, so aoti_package.py loads it with the weights
+re-homed on cache-line boundaries. The int8 UNet (int8.py) is kept the same way, its key holding the calibration inputs
 too: a later process still runs the calibration generations, but not the quantization and
 compile.
 
@@ -43,6 +42,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .aoti_package import load_package
 
 log = logging.getLogger("minisd")
 
@@ -126,7 +127,7 @@ class PackageCache:
         if path.exists():
             start = time.perf_counter()
             try:
-                compiled = torch._inductor.aoti_load_package(str(path))
+                compiled = load_package(path)
             except Exception as e:  # noqa: BLE001 - any failure to load means: compile again
                 warnings.warn(f"compiled {name} in {path} could not be loaded ({type(e).__name__}: "
                               f"{str(e)[:200]}); compiling it again", stacklevel=3)
@@ -148,7 +149,7 @@ class PackageCache:
                 os.unlink(tmp)
         log.info("compiled the %s in %.0f s (%.2f GB on disk)", name, time.perf_counter() - start,
                  path.stat().st_size / 1e9)
-        return torch._inductor.aoti_load_package(str(path))
+        return load_package(path)
 
 
 class CachedUNetCall:

@@ -4,6 +4,8 @@ compiles a model once per size, and a later process loads that instead of compil
 Every test here builds at most one package of the tiny model (about 30 s on one core) and
 shares it through `packaged`; the other process checks that it loads without compiling by
 making any compile fail there."""
+import json
+import mmap
 import os
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from minisd.aoti_package import AlignedPackage, byte_range, load_package, release_pages
 from minisd.compile_cache import PackageCache, cache_folder, fingerprint, own_storages
 from minisd.pipeline import Pipeline
 
@@ -74,6 +77,44 @@ def test_another_process_loads_the_package_without_compiling(packaged, tiny_curr
     assert "loaded the compiled unet from" in done.stderr
     assert np.array_equal(np.load(tmp_path / "images.npy"), compiled)  # the very same code and weights
     assert len(packages(folder)) == 1  # a second prompt and seed of the same size: the same package
+
+
+def test_the_package_runs_as_torch_loads_it_with_its_weights_on_cache_lines(packaged, tiny_current):
+    folder, _, _ = packaged
+    [path] = packages(folder)
+    aligned, reference = load_package(path), torch._inductor.aoti_load_package(str(path))
+    assert isinstance(aligned, AlignedPackage)
+    # every uniquely named constant re-homed, on a 64-byte boundary (torch's loader: 16 mod 64 for a large block)
+    names = aligned.runner.get_constant_names_to_original_fqns()
+    assert len(aligned.constants) == len(names) > 10
+    assert {byte_range(constant)[0] % 64 for constant in aligned.constants.values()} == {0}
+    config = json.loads((tiny_current / "unet" / "config.json").read_text())
+    generator = torch.Generator().manual_seed(3)
+    inputs = (torch.randn(2, config["in_channels"], 8, 8, generator=generator), torch.tensor(500.0),
+              torch.randn(2, 77, config["cross_attention_dim"], generator=generator))
+    with torch.no_grad():
+        expected = reference(*inputs)
+        assert torch.equal(aligned(*inputs), expected)  # the same code on the same weights: bit for bit
+        assert torch.equal(aligned(*inputs), expected)  # and again, after the old pages were released
+
+
+def test_release_pages_frees_whole_pages_inside_the_ranges_only():
+    page = mmap.PAGESIZE
+    block = torch.ones(12 * page, dtype=torch.uint8)
+    base = block.data_ptr()
+    start = -(-base // page) * page - base  # the block's first page boundary, as an offset
+    kept_slot = start + 6 * page + 100  # a 64-byte slot between two ranges, as a scalar constant holds
+    ranges = [(base + start + 10, 3 * page),  # joined with the next: less than 64 bytes apart
+              (base + start + 3 * page + 50, kept_slot - start - 3 * page - 50),
+              (base + kept_slot + 64, 4 * page)]
+    released = release_pages(ranges)
+    values = block.numpy()
+    zero_pages = [i for i in range(11)
+                  if not values[start + i * page: start + (i + 1) * page].any()]
+    # pages 1-5 lie wholly inside the joined first span; page 6 holds the kept slot; 7-9 inside the last
+    assert zero_pages == [1, 2, 3, 4, 5, 7, 8, 9] and released == 8 * page
+    assert values[: start + page].all() and values[start + 6 * page: start + 7 * page].all()
+    assert values[start + 10 * page:].all()
 
 
 def test_a_corrupt_package_is_compiled_again_and_replaced(packaged, tiny_current, tmp_path, monkeypatch):
