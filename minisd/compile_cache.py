@@ -33,6 +33,7 @@ import functools
 import hashlib
 import logging
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -140,7 +141,7 @@ class PackageCache:
         handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.pt2", dir=self.folder)  # .pt2: AOTI asks
         os.close(handle)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), einops_cache_as_found():
                 program = export()
                 torch._inductor.aoti_compile_and_package(program, package_path=tmp, inductor_configs=settings)
             os.replace(tmp, path)  # a process compiling the same key at once writes an equal package
@@ -152,20 +153,22 @@ class PackageCache:
         return load_package(path)
 
 
-class CachedUNetCall:
-    """Stands in for a UNet's compiled call (`nn.Module._compiled_call_impl`, see compiling.py):
-    for each new input shape, the UNet compiled ahead of time from the package cache; any other
-    call (autograd on, other arguments, hooks on the UNet) goes to `fallback`, the in-process
-    torch.compile."""
+class CachedCall:
+    """Stands in for a module's compiled call (`nn.Module._compiled_call_impl`, see compiling.py):
+    for each new input shape, the module compiled ahead of time from the package cache; any
+    other call (autograd on, other arguments, hooks on the module) goes to `fallback`, the
+    in-process torch.compile. Subclasses say which calls a package serves (`plain_inputs`)."""
 
-    def __init__(self, unet: nn.Module, fallback: Callable, settings: dict, cache: PackageCache):
-        self.unet, self.fallback, self.settings, self.cache = unet, fallback, settings, cache
+    name = "module"  # the packages' file name prefix
+
+    def __init__(self, module: nn.Module, fallback: Callable, settings: dict, cache: PackageCache):
+        self.module, self.fallback, self.settings, self.cache = module, fallback, settings, cache
         self.compiled: dict[tuple, Callable] = {}  # input shapes and dtypes -> loaded package
 
     def __call__(self, *args, **kwargs):
         inputs = self.plain_inputs(args, kwargs)
-        # A package runs forward alone: hooks on the UNet need the in-process compile, which calls them.
-        hooked = self.unet._forward_hooks or self.unet._forward_pre_hooks
+        # A package runs forward alone: hooks on the module need the in-process compile, which calls them.
+        hooked = self.module._forward_hooks or self.module._forward_pre_hooks
         if inputs is None or torch.is_grad_enabled() or hooked:
             return self.fallback(*args, **kwargs)
         signature = tuple((tuple(x.shape), x.dtype) for x in inputs)
@@ -175,9 +178,44 @@ class CachedUNetCall:
         return compiled(*inputs)
 
     def plain_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
-        """(sample, timestep, context) as the package takes them: the sample in the layout of
-        the UNet's convolutions, the timestep a float32 tensor (a step's int, or one per
-        sample), everything contiguous on the CPU; None for a call of another form."""
+        """The call's tensors as the package takes them, or None for a call it cannot serve."""
+        raise NotImplementedError
+
+    def input_layout(self) -> torch.memory_format:
+        """The layout of the module's first convolution: its input's layout in the package."""
+        weight = self.module.conv_in.weight
+        last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        return torch.channels_last if last else torch.contiguous_format
+
+    def load_or_build(self, inputs: tuple[torch.Tensor, ...]) -> Callable:
+        key = fingerprint(self.module, inputs, self.settings)
+
+        def export() -> torch.export.ExportedProgram:
+            # Export traces forward itself: the module's compiled call (this object) is set
+            # aside meanwhile, so that tracing does not come back here.
+            held, self.module._compiled_call_impl = self.module._compiled_call_impl, None
+            try:
+                return torch.export.export(self.module, inputs, strict=False)
+            finally:
+                self.module._compiled_call_impl = held
+
+        try:
+            with own_storages(self.module):
+                return self.cache.load_or_build(self.name, key, export, self.settings)
+        except OSError as e:  # a folder that cannot be written, a full disk: compile here instead
+            warnings.warn(f"the compiled {self.name} cannot be kept in {self.cache.folder} ({e}); compiling it "
+                          "in this process instead (set MINISD_COMPILE_CACHE to a writable folder, or off)",
+                          stacklevel=3)
+            return self.fallback
+
+
+class CachedUNetCall(CachedCall):
+    name = "unet"
+
+    def plain_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
+        """(sample, timestep, context): the sample in the layout of the UNet's convolutions, the
+        timestep a float32 tensor (a step's int, or one per sample), everything contiguous on
+        the CPU; None for a call of another form."""
         names = ("sample", "timestep", "encoder_hidden_states")
         if len(args) > 3 or set(kwargs) - set(names[len(args):]):
             return None
@@ -190,31 +228,38 @@ class CachedUNetCall:
             return None
         if isinstance(timestep, torch.Tensor) and timestep.dim() > 1:
             return None
-        layout = torch.channels_last if self.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last) \
-            and not self.unet.conv_in.weight.is_contiguous() else torch.contiguous_format
         timestep = torch.as_tensor(timestep, device="cpu").to(torch.float32).contiguous()
-        return sample.contiguous(memory_format=layout), timestep, context.contiguous()
+        return sample.contiguous(memory_format=self.input_layout()), timestep, context.contiguous()
 
-    def load_or_build(self, inputs: tuple[torch.Tensor, ...]) -> Callable:
-        key = fingerprint(self.unet, inputs, self.settings)
 
-        def export() -> torch.export.ExportedProgram:
-            # Export traces forward itself: the module's compiled call (this object) is set
-            # aside meanwhile, so that tracing does not come back here.
-            held, self.unet._compiled_call_impl = self.unet._compiled_call_impl, None
-            try:
-                return torch.export.export(self.unet, inputs, strict=False)
-            finally:
-                self.unet._compiled_call_impl = held
+class CachedDecoderCall(CachedCall):
+    name = "vae-decoder"
 
-        try:
-            with own_storages(self.unet):
-                return self.cache.load_or_build("unet", key, export, self.settings)
-        except OSError as e:  # a folder that cannot be written, a full disk: compile here instead
-            warnings.warn(f"the compiled UNet cannot be kept in {self.cache.folder} ({e}); compiling it in "
-                          "this process instead (set MINISD_COMPILE_CACHE to a writable folder, or off)",
-                          stacklevel=3)
-            return self.fallback
+    def plain_inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
+        """(latents,) on the CPU in the layout of the decoder's first convolution; None else."""
+        if set(kwargs) - {"z"} or len(args) + len(kwargs) != 1:
+            return None
+        (latents,) = (*args, *kwargs.values())
+        if not isinstance(latents, torch.Tensor) or latents.device.type != "cpu":
+            return None
+        return (latents.contiguous(memory_format=self.input_layout()),)
+
+
+@contextmanager
+def einops_cache_as_found() -> Iterator[None]:
+    """Within the block (an export), einops may meet new tensor types (export's fake and
+    functional tensors) and add them to its table of backends by type; afterwards the table is
+    as it was. torch.compile guards on that table's length wherever it traced einops, so an
+    export between two calls of an already compiled model (the step-skipping UNets, compiled in
+    process) would otherwise make that model compile again."""
+    table = getattr(sys.modules.get("einops._backends"), "_type2backend", None)
+    before = dict(table) if isinstance(table, dict) else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            table.clear()
+            table.update(before)
 
 
 @contextmanager

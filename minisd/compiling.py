@@ -1,11 +1,16 @@
 """torch.compile for the pipeline: which parts, with which Inductor settings, and why.
 
-`Pipeline.from_pretrained(..., compile=True)` compiles the UNet (it runs at every step) and,
-on CUDA, the VAE decoder. On the CPU the VAE decoder stays eager: compiled with freezing it
-measured level with eager (918 against 920 ms per 256x256 decode, bf16, small-sd's VAE) for
-25 s of compiling; its convolutions already run oneDNN's kernels in the channels-last layout
-the levers give it. The text encoder runs once per generation, about 1% of an image: not
-worth its compile time. Not measured yet: max-autotune (Inductor's C++ GEMM templates), whose
+`Pipeline.from_pretrained(..., compile=True)` compiles the UNet (it runs at every step) and
+the VAE decoder. On the CPU the decoder compiled with freezing measured level with eager in
+isolation (918 against 920 ms per 256x256 decode, bf16, small-sd's VAE; 432 against 443 on a
+faster machine): its convolutions already run oneDNN's kernels in the channels-last layout the
+levers give it. But right after a generation's steps the eager decoder slows down, most after
+int8 steps (1167, 1260, 798 ms against 478, 457, 565 for the decode after it): it allocates
+200-300 MB of fresh activations per decode and takes 70,000-85,000 page faults, where the
+compiled one plans its buffers (23,000-32,000 faults, 420-435 ms right after int8 steps,
+docs/cpu-floor.md). So it is compiled, and kept in the package cache as the UNet is (an int8
+pipeline compiles it too). The text encoder runs once per generation, about 1% of an image:
+not worth its compile time. Not measured yet: max-autotune (Inductor's C++ GEMM templates), whose
 autotuning would add minutes to a CPU compile that already takes one and a half. Shapes are
 static (`dynamic=False`): the first image of each size and batch compiles, later steps,
 prompts and seeds of that size reuse the code (tests/test_fast.py checks that nothing
@@ -46,9 +51,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .compile_cache import CachedUNetCall, PackageCache, cache_folder
+from .compile_cache import CachedDecoderCall, CachedUNetCall, PackageCache, cache_folder
 from .fast import uncache_cross_kv
 from .unet import UNet2DConditionModel
+from .vae import Decoder
 
 
 def inductor_settings(device: torch.device) -> dict:
@@ -77,11 +83,12 @@ def compile_module(module: nn.Module, device: torch.device, mode: str | None = N
         # uses; compilation itself happens inside that call, so the settings go around it.
         module._compiled_call_impl = WithInductorSettings(module._compiled_call_impl, settings)
     folder = cache_folder(cache)
-    if device.type == "cpu" and mode == "default" and folder is not None and isinstance(module, UNet2DConditionModel):
+    cached_call = {UNet2DConditionModel: CachedUNetCall, Decoder: CachedDecoderCall}.get(type(module))
+    if device.type == "cpu" and mode == "default" and folder is not None and cached_call is not None:
         # AOTInductor always generates a C++ wrapper: only freezing is passed on.
         ahead_of_time = {key: value for key, value in settings.items() if key != "cpp_wrapper"}
-        module._compiled_call_impl = CachedUNetCall(module, module._compiled_call_impl, ahead_of_time,
-                                                    PackageCache(folder))
+        module._compiled_call_impl = cached_call(module, module._compiled_call_impl, ahead_of_time,
+                                                 PackageCache(folder))
 
 
 class WithInductorSettings:

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from .compile_cache import PackageCache, cache_folder, compact_storages, fingerprint, tensors_digest
+from .compile_cache import (PackageCache, cache_folder, compact_storages, einops_cache_as_found, fingerprint,
+                            tensors_digest)
 from .compiling import WithInductorSettings, inductor_settings
 from .errors import InputError
 from .fast import FusedSelfAttention, swap_layers, uncache_cross_kv
@@ -226,7 +227,8 @@ def quantized_graph(pt2e, source: nn.Module, example: tuple, calibration: list[t
     (the module docstring's steps 1-4)."""
     prepare_pt2e, convert_pt2e, quantizer = pt2e
     with torch.no_grad():
-        exported = torch.export.export(source, example, strict=False).module()
+        with einops_cache_as_found():
+            exported = torch.export.export(source, example, strict=False).module()
         observed = prepare_pt2e(exported, quantizer)
         for inputs in calibration:
             observed(*inputs)

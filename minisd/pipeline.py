@@ -78,12 +78,11 @@ class Pipeline:
         `dtype` (default float32). A component passed by keyword (`safety_checker=None`,
         `unet=my_unet`) replaces the folder's. `levers`: the speed levers of fast.py applied to
         the UNet and VAE, those passed in too (changed in place); `SpeedLevers.none()` runs the
-        models as written. `compile=True` (or a torch.compile mode) compiles the UNet (and off
-        the CPU the VAE decoder; compiling.py), on the CPU kept on disk per model and size for
-        later processes (`compile_cache`: the folder, False for none; compile_cache.py).
-        `quantize="int8"`: static int8 for the UNet on x86 CPUs, calibrated on
-        `calibration_prompts` or fixed ones (int8.py; the `int8` extra). One generation at a
-        time per Pipeline."""
+        models as written. `compile=True` (or a torch.compile mode) compiles the UNet and the
+        VAE decoder (compiling.py), on the CPU kept on disk per model and size for later processes
+        (`compile_cache`: the folder, False for none; compile_cache.py). `quantize="int8"`:
+        static int8 for the UNet on x86 CPUs, calibrated on `calibration_prompts` or fixed ones
+        (int8.py; the `int8` extra). One generation at a time per Pipeline."""
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise InputError(f"from_pretrained: dtype={dtype} and torch_dtype={torch_dtype} disagree; give one")
         dtype = check_dtype(dtype or torch_dtype or torch.float32, "torch_dtype" if torch_dtype else "dtype")
@@ -153,21 +152,22 @@ class Pipeline:
             getattr(self, name).to(memory_format=torch.channels_last if last else torch.contiguous_format)
 
     def compile(self, mode: str | None = None, cache: str | Path | bool | None = None) -> None:
-        """torch.compile the UNet (unless int8, which compiles itself) and, off the CPU, the VAE
-        decoder in place (compiling.py): each size on its first image; on the CPU once per model
-        and size (`cache`: the package folder, False for none; compile_cache.py)."""
+        """torch.compile the UNet (unless int8, which compiles itself) and the VAE decoder in place
+        (compiling.py): each size on its first image; on the CPU once per model and size
+        (`cache`: the package folder, False for none; compile_cache.py)."""
         if not isinstance(self.unet, Int8UNet):
             compile_module(self.unet, self.device, mode, cache)
-        if self.device.type != "cpu":  # on the CPU it measured no faster (compiling.py)
-            compile_module(self.vae.decoder, self.device, mode)
+        compile_module(self.vae.decoder, self.device, mode, cache)
 
     def quantize(self, method: str = "int8", calibration_prompts: list[str] | None = None, cache=None) -> None:
-        """Static int8 for the UNet (int8.py), calibrated before the first image of each size on
-        generations of `calibration_prompts` (or int8's own) that this pipeline runs itself;
-        kept in the package cache (`cache`) as `compile`'s UNet is."""
+        """Static int8 for the UNet (int8.py), calibrated before each size's first image on generations
+        of `calibration_prompts` (or int8's own) run here, kept in the package cache (`cache`); the VAE
+        decoder is compiled too (eager, it ran up to twice as slow right after int8 steps: compiling.py)."""
         check_quantize(method, self.device)
         if not isinstance(self.unet, Int8UNet):
             self.unet = Int8UNet(self.unet, calibration_prompts, cache)
+        if self.vae.decoder._compiled_call_impl is None:
+            compile_module(self.vae.decoder, self.device, cache=cache)
 
     @property
     def device(self) -> torch.device:

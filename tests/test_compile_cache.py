@@ -39,8 +39,8 @@ def packaged(tiny_current, tmp_path_factory):
     return folder, generate(pipe), generate(eager)
 
 
-def packages(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.pt2"))
+def packages(folder: Path, part: str = "unet") -> list[Path]:
+    return sorted(folder.glob(f"{part}-*.pt2"))
 
 
 def test_one_package_matches_eager_and_holds_the_weights_once(packaged, tiny_current):
@@ -50,6 +50,9 @@ def test_one_package_matches_eager_and_holds_the_weights_once(packaged, tiny_cur
     weights = sum(f.stat().st_size for f in (tiny_current / "unet").glob("*.safetensors"))
     # float32 weights in a memory-mapped file: packaged as a whole file per weight, this was 190x
     assert package.stat().st_size < 3 * weights + 8e6, (package.stat().st_size, weights)
+    [decoder] = packages(folder, "vae-decoder")  # the VAE decoder is kept too (compiling.py)
+    vae_weights = sum(f.stat().st_size for f in (tiny_current / "vae").glob("*.safetensors"))
+    assert decoder.stat().st_size < 3 * vae_weights + 8e6, (decoder.stat().st_size, vae_weights)
 
 
 def test_another_process_loads_the_package_without_compiling(packaged, tiny_current, tmp_path):
@@ -74,9 +77,10 @@ def test_another_process_loads_the_package_without_compiling(packaged, tiny_curr
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "loaded the compiled unet from" in done.stderr
+    assert "loaded the compiled unet from" in done.stderr and "loaded the compiled vae-decoder from" in done.stderr
     assert np.array_equal(np.load(tmp_path / "images.npy"), compiled)  # the very same code and weights
-    assert len(packages(folder)) == 1  # a second prompt and seed of the same size: the same package
+    # a second prompt and seed of the same size: the same packages
+    assert len(packages(folder)) == len(packages(folder, "vae-decoder")) == 1
 
 
 def test_the_package_runs_as_torch_loads_it_with_its_weights_on_cache_lines(packaged, tiny_current):
@@ -121,8 +125,9 @@ def test_a_corrupt_package_is_compiled_again_and_replaced(packaged, tiny_current
     folder, compiled, _ = packaged
     broken = tmp_path / "cache"
     broken.mkdir()
-    [package] = packages(folder)
+    [package], [decoder] = packages(folder), packages(folder, "vae-decoder")
     (broken / package.name).write_bytes(package.read_bytes()[: package.stat().st_size // 2])  # a cut copy
+    (broken / decoder.name).write_bytes(decoder.read_bytes())  # and a whole one
     builds = []
 
     def build(program, package_path, inductor_configs):  # the real compile is the fixture's: its result
@@ -138,7 +143,7 @@ def test_a_corrupt_package_is_compiled_again_and_replaced(packaged, tiny_current
     assert np.array_equal(images, compiled)
     assert [p.name for p in packages(broken)] == [package.name]
     assert (broken / package.name).read_bytes() == package.read_bytes()
-    assert not [p for p in broken.iterdir() if p.name != package.name]  # no temporary file left
+    assert sorted(p.name for p in broken.iterdir()) == sorted([package.name, decoder.name])  # no temporary file left
 
 
 def test_no_package_without_a_cache_or_with_autograd(tiny_current, tmp_path, monkeypatch):
@@ -227,3 +232,36 @@ def test_an_unwritable_cache_falls_back_to_compiling_in_process(tiny_current, tm
             cached(torch.randn(1, 4, 8, 8, generator=g), 10, ctx[:1])
         hook.remove()
     assert len(calls) == 3  # straight to the in-process call, which runs the hooks itself
+
+
+def test_the_decoder_package_serves_a_call_with_one_latent_tensor_only(tiny_current):
+    from minisd import load_vae
+    from minisd.compile_cache import CachedDecoderCall
+
+    decoder = load_vae(tiny_current, channels_last=True).decoder
+    cached = CachedDecoderCall(decoder, None, {}, PackageCache(Path("unused")))
+    z = torch.randn(1, decoder.conv_in.in_channels, 8, 8)
+    [plain] = cached.plain_inputs((z,), {})
+    assert plain.is_contiguous(memory_format=torch.channels_last) and torch.equal(plain, z)  # as its convolutions
+    assert torch.equal(cached.plain_inputs((), {"z": z})[0], z)
+    for args, kwargs in (((z, z), {}), ((), {}), ((z,), {"z": z}), ((), {"latents": z}), (("z",), {})):
+        assert cached.plain_inputs(args, kwargs) is None  # the in-process compile takes those
+
+
+def test_an_export_leaves_the_einops_backend_table_as_it_found_it():
+    """torch.compile guards on the table's length where it traced einops: an export that grew it
+    made the compiled step-skipping UNets compile again (tests/test_step_skipping.py)."""
+    import einops
+    import einops._backends
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from minisd.compile_cache import einops_cache_as_found
+
+    table = einops._backends._type2backend
+    einops.rearrange(torch.zeros(2, 3), "a b -> b a")
+    before = dict(table)
+    with einops_cache_as_found():
+        with FakeTensorMode():
+            einops.rearrange(torch.zeros(2, 3), "a b -> b a")
+        assert len(table) > len(before)  # einops met a new tensor type, as it does in an export
+    assert table == before
