@@ -17,7 +17,9 @@ products" the tensor products the quantizer gives int8 inputs by default
   7.5), spread from its first step to its last;
 - image PSNR (with --images, a generation per variant): the bench's 10-step generation with
   that int8 UNet against the float32 pipeline's, as tools/bench.py measures int8;
-- the share of the UNet's FLOPs left in float (what the group would cost in speed).
+- the share of the UNet's FLOPs left in float (what the group would cost in speed);
+- with --float-first K,...: the image PSNR again with the generation's first K steps run by
+  the float UNet (the high-noise steps, where the UNet's int8 error is largest), per K.
 By default: everything int8, the GEGLU products, and one group per part of a partition of
 the UNet's convolutions and linears (so that their errors add up roughly).
 The int8 graphs run as PT2E's reference (eager quantize/dequantize around float kernels, float32
@@ -109,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--sqnr-calls", type=int, default=3, help="recorded UNet calls the SQNR is taken over, "
                    "spread over the steps (default 3)")
     p.add_argument("--images", action="store_true", help="also the image PSNR of each variant (a generation each)")
+    p.add_argument("--float-first", default="0", help="with --images: comma-separated step counts K, an "
+                   "image each with the first K steps in float (default 0)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     groups = [g.strip() for g in args.groups.split(",")]
@@ -161,14 +165,19 @@ def main(argv=None) -> int:
         row = {"group": group, "layers_in_float": len(kept), "flops_in_float": sum(shares.get(n, 0) for n in kept),
                "unet_sqnr_db": float(np.mean(sqnr)), "unet_sqnr_db_last_call": sqnr[-1]}
         if args.images:
-            pipe.unet = GraphAsUNet(graph, float_unet)
-            row["image_psnr_db"] = psnr(image_of(pipe, args.size, args.steps), reference_image)
-            pipe.unet = float_unet
+            pipe.scheduler.set_timesteps(args.steps)
+            schedule = [float(t) for t in pipe.scheduler.timesteps]
+            for k in [int(k) for k in args.float_first.split(",")]:
+                pipe.unet = GraphAsUNet(graph, float_unet, float_from=schedule[k - 1] if k else math.inf)
+                label = "image_psnr_db" if k == 0 else f"image_psnr_db_first_{k}_float"
+                row[label] = psnr(image_of(pipe, args.size, args.steps), reference_image)
+                pipe.unet = float_unet
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
         print(f"{group:32s} float layers {row['layers_in_float']:3d} ({100 * row['flops_in_float']:5.1f}% of FLOPs)  "
               f"UNet SQNR {row['unet_sqnr_db']:5.1f} dB (last call {sqnr[-1]:5.1f})"
-              + (f"  image PSNR {row['image_psnr_db']:5.1f} dB" if args.images else "")
+              + "".join(f"  {k.replace('image_psnr_db', 'image PSNR')} {v:5.1f} dB"
+                        for k, v in row.items() if k.startswith("image_psnr"))
               + f"  [{row['seconds']:.0f} s]", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "tiny": args.tiny, "rows": rows}, indent=2) + "\n")
@@ -176,16 +185,19 @@ def main(argv=None) -> int:
 
 
 class GraphAsUNet:
-    """A PT2E graph called as the pipeline calls its UNet; every other attribute the float UNet's."""
+    """A PT2E graph called as the pipeline calls its UNet; every other attribute the float UNet's.
+    Timesteps at or above `float_from` go to the float UNet instead."""
 
-    def __init__(self, graph, unet):
-        self.graph, self.unet = graph, unet
+    def __init__(self, graph, unet, float_from: float = math.inf):
+        self.graph, self.unet, self.float_from = graph, unet, float_from
 
     def __getattr__(self, name):
         return getattr(self.__dict__["unet"], name)
 
     def __call__(self, x, t, context):
         with torch.no_grad():
+            if float(torch.as_tensor(t).max()) >= self.float_from:
+                return self.unet(x, t, context)
             return self.graph(x.contiguous(), torch.as_tensor(t).contiguous(), context.contiguous())
 
 
