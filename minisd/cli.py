@@ -67,8 +67,8 @@ def build_parser() -> ArgumentParser:
                        help="auto (for the device chosen): float16 on CUDA, bfloat16 on CPUs with native bf16 "
                             "(AVX512-BF16, AMX), else float32")
     model.add_argument("--compile", action="store_true",
-                       help="torch.compile the UNet (on the CPU with frozen weights; on CUDA the VAE decoder "
-                            "too): the first image of each size compiles, for a minute or more; on the CPU "
+                       help="torch.compile the UNet and the VAE decoder (on the CPU with frozen weights): "
+                            "the first image of each size compiles, for a minute or more; on the CPU "
                             "once per model and size, kept in ~/.cache/minisd/compiled ($MINISD_COMPILE_CACHE; "
                             "off to keep nothing)")
     model.add_argument("--int8", action="store_true",

@@ -1,4 +1,5 @@
-"""Compiled UNets kept on disk, so that a model is compiled once per size, not once per process.
+"""Compiled UNets (and VAE decoders) kept on disk, so that a model is compiled once per size,
+not once per process.
 
 On the CPU, `compile=True` compiles the UNet with Inductor's freezing (compiling.py), about a
 minute and a half for small-sd at 256x256 on two cores. Inductor's own on-disk graph cache
@@ -11,14 +12,15 @@ A later process with the same model and size loads the package in seconds. The c
 the code the in-process compile makes (same Inductor, same settings, same kernels); loaded by
 torch's own package loader it ran 7-30% slower (int8 and bf16 UNet steps, docs/cpu-floor.md),
 its weights copied 16 bytes off a cache line, so aoti_package.py loads it with the weights
-re-homed on cache-line boundaries. The int8 UNet (int8.py) is kept the same way, its key holding the calibration inputs
-too: a later process still runs the calibration generations, but not the quantization and
-compile.
+re-homed on cache-line boundaries. The int8 UNet (int8.py) is kept the same way, its key
+holding the calibration inputs too: a later process still runs the calibration generations,
+but not the quantization and compile.
 
     ~/.cache/minisd/compiled/unet-<key>.pt2         ($XDG_CACHE_HOME, or MINISD_COMPILE_CACHE)
     ~/.cache/minisd/compiled/unet-int8-<key>.pt2
+    ~/.cache/minisd/compiled/vae-decoder-<key>.pt2  (compiling.py says why the decoder too)
 
-The key is a hash of everything the compiled code depends on: the UNet's weights (their bytes:
+The key is a hash of everything the compiled code depends on: the model's weights (their bytes:
 a fine-tune or a merged LoRA is another model), its layers, the input shapes and dtypes,
 Inductor's settings, the CPU's instruction set, and the versions of torch and of minisd's
 source. A package that fails to load (a truncated copy, another torch) is compiled again and

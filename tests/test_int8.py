@@ -49,6 +49,7 @@ def int8_pipe(tiny_current):
 def test_int8_pipeline_calibrates_once_per_size_and_never_recompiles(int8_pipe, tiny_current):
     eager = Pipeline.from_pretrained(tiny_current, safety_checker=None)
     assert isinstance(int8_pipe.unet, Int8UNet)
+    assert int8_pipe.vae.decoder._compiled_call_impl is not None  # the decoder compiled too (compiling.py)
     first = int8_pipe("a red cube", generator=torch.Generator().manual_seed(0), **RUN).images
     records = int8_pipe.unet._records[(8, 8)]
     assert len(records) == 2 * CALIBRATION_STEPS  # two prompts, every step's UNet call recorded
