@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import json
 import logging
 import mmap
 import tempfile
@@ -44,7 +45,9 @@ def load_package(path: str | Path):
     runner_class = getattr(getattr(torch._C, "_aoti", None), "AOTIModelContainerRunnerCpu", None)
     with zipfile.ZipFile(path) as archive:
         libraries = [name for name in archive.namelist() if name.endswith(".so")]
-        if runner_class is None or len(libraries) != 1:
+        devices = {json.loads(archive.read(name)).get("AOTI_DEVICE_KEY") for name in archive.namelist()
+                   if name.endswith("wrapper_metadata.json")}
+        if runner_class is None or len(libraries) != 1 or devices != {"cpu"}:
             return torch._inductor.aoti_load_package(str(path))
         with tempfile.TemporaryDirectory(prefix="minisd-package-") as folder:
             # Once loaded, the library stays mapped in the process: its file may go.

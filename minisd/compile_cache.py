@@ -83,6 +83,7 @@ def fingerprint(module: nn.Module, inputs: tuple[torch.Tensor, ...], settings: d
     lists what goes in). Reads every weight once: under a second per GB."""
     digest = hashlib.sha256()  # hardware-assisted: 0.6 s per GB here, blake2b 1.5 s
     head = [f"format {FORMAT}", torch.__version__, _source_digest(), torch.backends.cpu.get_cpu_capability(),
+            vector_isa(),
             repr(sorted(settings.items())), extra]
     head += [f"{tuple(x.shape)} {x.dtype} {x.stride()}" for x in inputs]
     head += [f"{name} {type(layer).__module__}.{type(layer).__qualname__} {layer.extra_repr()}"
@@ -91,6 +92,14 @@ def fingerprint(module: nn.Module, inputs: tuple[torch.Tensor, ...], settings: d
     for name, tensor in module.state_dict(keep_vars=False).items():
         hash_tensor(digest, tensor, f"\n{name} {tensor.stride()}")
     return digest.hexdigest()
+
+
+def vector_isa() -> str:
+    """The CPU's vector and matrix instruction sets that Inductor's generated code may use
+    ("avx512 avx512_bf16 vnni amx_tile"): finer than the capability torch dispatches on, which
+    reads AVX512 on both kinds of machine this project runs on, with AMX and without."""
+    checks = ("avx2", "avx512", "avx512_bf16", "vnni", "amx_tile", "amx_fp16")
+    return " ".join(name for name in checks if getattr(torch.cpu, f"_is_{name}_supported", lambda: False)())
 
 
 def hash_tensor(digest, tensor: torch.Tensor, label: str = "") -> None:

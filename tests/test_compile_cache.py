@@ -177,6 +177,16 @@ def test_the_key_follows_weights_layers_shapes_and_settings():
     assert fingerprint(other, x, {"freezing": True}) != key  # same weights, another layer
 
 
+def test_the_key_follows_the_cpus_matrix_instructions(monkeypatch):
+    """A package built where AMX is (this project's Intel machine) must not load where it is not
+    (its AMD machine): both read AVX512 as torch's dispatch capability."""
+    model, x = nn.Linear(4, 4), (torch.randn(2, 4),)
+    key = fingerprint(model, x, {})
+    amx = torch.cpu._is_amx_tile_supported()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: not amx)
+    assert fingerprint(model, x, {}) != key
+
+
 def test_own_storages_copies_views_for_the_block_only():
     base = torch.randn(3, 256)
     layer = nn.Linear(16, 16, bias=False)
