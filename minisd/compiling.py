@@ -10,8 +10,9 @@ int8 steps (1167, 1260, 798 ms against 478, 457, 565 for the decode after it): i
 compiled one plans its buffers (23,000-32,000 faults, 420-435 ms right after int8 steps,
 docs/cpu-floor.md). So it is compiled, and kept in the package cache as the UNet is (an int8
 pipeline compiles it too). The text encoder runs once per generation, about 1% of an image:
-not worth its compile time. Not measured yet: max-autotune (Inductor's C++ GEMM templates), whose
-autotuning would add minutes to a CPU compile that already takes one and a half. Shapes are
+not worth its compile time. Not used: max-autotune (Inductor's C++ GEMM templates beside
+oneDNN): on the AMX machine its int8 UNet step measured level (211 against 213 ms) for 200 s
+more compiling (docs/cpu-floor.md). Shapes are
 static (`dynamic=False`): the first image of each size and batch compiles, later steps,
 prompts and seeds of that size reuse the code (tests/test_fast.py checks that nothing
 recompiles).
@@ -34,8 +35,8 @@ README.md, Speed.
 
 Compile once, not once per process: Inductor's on-disk FX graph cache refuses a frozen graph
 whose weights were prepacked into oneDNN tensors ("mkldnn tensors unpickleable"). So on the
-CPU the UNet is compiled ahead of time instead (AOTInductor, the same Inductor code and
-settings) into a package kept on disk per model and size, which later processes load in
+CPU the UNet and the VAE decoder are compiled ahead of time instead (AOTInductor, the same
+Inductor code and settings) into packages kept on disk per model and size, which later processes load in
 seconds (compile_cache.py); calls it cannot serve (autograd on, other arguments) and the step
 skipping UNets compile in process. The frozen weights live in the compiled code: change the
 model's weights after its first compiled call and the compiled code will not see it (compile
@@ -55,6 +56,10 @@ from .compile_cache import CachedDecoderCall, CachedUNetCall, PackageCache, cach
 from .fast import uncache_cross_kv
 from .unet import UNet2DConditionModel
 from .vae import Decoder
+
+
+# The models compiled ahead of time into the package cache on the CPU, and the call that serves each.
+AHEAD_OF_TIME = ((UNet2DConditionModel, CachedUNetCall), (Decoder, CachedDecoderCall))
 
 
 def inductor_settings(device: torch.device) -> dict:
@@ -83,7 +88,7 @@ def compile_module(module: nn.Module, device: torch.device, mode: str | None = N
         # uses; compilation itself happens inside that call, so the settings go around it.
         module._compiled_call_impl = WithInductorSettings(module._compiled_call_impl, settings)
     folder = cache_folder(cache)
-    cached_call = {UNet2DConditionModel: CachedUNetCall, Decoder: CachedDecoderCall}.get(type(module))
+    cached_call = next((call for kind, call in AHEAD_OF_TIME if isinstance(module, kind)), None)
     if device.type == "cpu" and mode == "default" and folder is not None and cached_call is not None:
         # AOTInductor always generates a C++ wrapper: only freezing is passed on.
         ahead_of_time = {key: value for key, value in settings.items() if key != "cpp_wrapper"}

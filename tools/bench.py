@@ -231,7 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--minisd-in-process", action="store_true",
                    help="minisd's compiled and int8 modes compile in their worker (compile_cache=False) instead "
                         "of through the compiled-UNet package cache: what a process that compiles once and runs "
-                        "on gets (the package's steady state measured slower: docs/cpu-floor.md)")
+                        "on gets (the package, loaded with its weights aligned, should run as fast: "
+                        "docs/cpu-floor.md)")
     p.add_argument("--diffusers-compile-mode", help="torch.compile mode of diffusers' compiled modes "
                    "(default: reduce-overhead on cuda, default on cpu)")
     p.add_argument("--group-by", choices=["dtype", "none", "mode"],

@@ -1,14 +1,16 @@
 """What compiling costs a user: load + first image, then a second image, in two fresh processes
 one after the other with the same on-disk compile caches (the first process starts them empty):
-minisd's package cache of compiled UNets and decoders (minisd/compile_cache.py) and Inductor's own.
+minisd's package cache of compiled UNets and VAE decoders (minisd/compile_cache.py) and
+Inductor's own.
 
     python tools/first_image.py --compile                    # small-sd's shapes, bf16, 256x256
     python tools/first_image.py --compile --int8
     python tools/first_image.py --tiny --size 64 --steps 2   # a smoke test of the tool
 
 The first process pays the whole compile (and, for --int8, the calibration); the second loads
-the compiled UNet and VAE decoder from the package cache (with --int8 after running the calibration
-generations again, which the package's key holds). The model is tools/bench_model.py's random small-sd folder (or the tiny one).
+the compiled UNet and VAE decoder from the package cache (with --int8 after running the
+calibration generations again, which the package's key holds). The model is
+tools/bench_model.py's random small-sd folder (or the tiny one).
 """
 from __future__ import annotations
 

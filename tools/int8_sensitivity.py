@@ -119,6 +119,12 @@ def main(argv=None) -> int:
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         p.error(f"unknown group(s) {unknown}; known: {list(GROUPS)}")
+    try:
+        float_first = [int(k) for k in args.float_first.split(",")]
+    except ValueError:
+        p.error(f"--float-first: comma-separated whole numbers of steps, got {args.float_first!r}")
+    if not all(0 <= k <= args.steps for k in float_first):
+        p.error(f"--float-first: step counts from 0 to --steps ({args.steps}), got {args.float_first!r}")
 
     from bench_report import psnr
     from minisd import Pipeline
@@ -167,7 +173,7 @@ def main(argv=None) -> int:
         if args.images:
             pipe.scheduler.set_timesteps(args.steps)
             schedule = [float(t) for t in pipe.scheduler.timesteps]
-            for k in [int(k) for k in args.float_first.split(",")]:
+            for k in float_first:
                 pipe.unet = GraphAsUNet(graph, float_unet, float_from=schedule[k - 1] if k else math.inf)
                 label = "image_psnr_db" if k == 0 else f"image_psnr_db_first_{k}_float"
                 row[label] = psnr(image_of(pipe, args.size, args.steps), reference_image)
